@@ -1,0 +1,147 @@
+"""The tiny world's preference data: a sorting task whose true reward is known exactly.
+
+A prompt asks to sort a few distinct digits (``"sort: 4 1 3 2\\n"``); a completion is a list of
+digits (``"1 2 3 4"``). The ground-truth reward of a completion is how sorted it is, so every chapter
+can measure *true* accuracy, not only agreement with (possibly noisy) labels.
+"""
+
+from __future__ import annotations
+
+import random
+
+from datasets import Dataset
+
+PROMPT_PREFIX = "sort: "
+
+
+def true_reward(prompt: str, completion: str) -> float:
+    """Ground-truth reward of ``completion`` for a sorting ``prompt``, in [-1, 1].
+
+    For a permutation of the prompt's digits the reward is ``1 - inversions / max_inversions``:
+    1.0 when sorted ascending, 0.0 when sorted descending. Anything that is not a permutation of
+    the prompt's digits (a digit missing, added or repeated, or stray text) gets -1.0.
+
+    >>> true_reward("sort: 3 1 2\\n", "1 2 3")
+    1.0
+    >>> true_reward("sort: 3 1 2\\n", "3 2 1")
+    0.0
+    """
+    if isinstance(prompt, list):  # conversational form: take the user's message
+        prompt = prompt[-1]["content"]
+    if isinstance(completion, list):
+        completion = completion[-1]["content"]
+    digits = _parse_digits(prompt.strip().removeprefix(PROMPT_PREFIX.strip()))
+    answer = _parse_digits(completion)
+    if digits is None or answer is None or sorted(answer) != sorted(digits):
+        return -1.0
+    return 1.0 - _inversions(answer) / _max_inversions(len(answer))
+
+
+def make_preference_dataset(
+    n: int,
+    *,
+    seed: int = 0,
+    noise: float = 0.0,
+    conversational: bool = False,
+    min_len: int = 3,
+    max_len: int = 6,
+) -> Dataset:
+    """Synthetic preference pairs for the sorting task, in TRL's ``prompt``/``chosen``/``rejected`` format.
+
+    Each pair compares two permutations of the prompt's digits with different true rewards. Half of
+    the time the better one is the fully sorted answer; otherwise both are imperfect, so the task has
+    easy and hard pairs. ``noise`` is the fraction of pairs whose labels are swapped (exactly
+    ``round(noise * n)`` of them, chosen at random).
+
+    Columns:
+        prompt, chosen, rejected: strings, or lists of ``{"role", "content"}`` messages when
+            ``conversational=True`` (prompt holds the user turn, chosen/rejected one assistant turn).
+        chosen_reward, rejected_reward: the true rewards of the completions *as labelled*.
+        label_flipped: True where noise swapped the pair, i.e. ``chosen_reward < rejected_reward``.
+
+    Raises:
+        ValueError: if ``n <= 0``, ``noise`` is outside [0, 1], or the lengths are not 2 <= min_len <= max_len <= 10.
+    """
+    if not isinstance(n, int) or n <= 0:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    if not 0.0 <= noise <= 1.0:
+        raise ValueError(f"noise must be in [0, 1], got {noise!r}")
+    if not 2 <= min_len <= max_len <= 10:
+        raise ValueError(
+            f"min_len and max_len must satisfy 2 <= min_len <= max_len <= 10, got {min_len}, {max_len}"
+        )
+    rng = random.Random(seed)
+    rows = [_make_pair(rng, rng.randint(min_len, max_len)) for _ in range(n)]
+    for i in rng.sample(range(n), round(noise * n)):
+        row = rows[i]
+        row["chosen"], row["rejected"] = row["rejected"], row["chosen"]
+        row["chosen_reward"], row["rejected_reward"] = row["rejected_reward"], row["chosen_reward"]
+        row["label_flipped"] = True
+    if conversational:
+        for row in rows:
+            row["prompt"] = [{"role": "user", "content": row["prompt"].rstrip("\n")}]
+            row["chosen"] = [{"role": "assistant", "content": row["chosen"]}]
+            row["rejected"] = [{"role": "assistant", "content": row["rejected"]}]
+    return Dataset.from_list(rows)
+
+
+def tokenizer_corpus(n: int = 4000, *, seed: int = 1234) -> list[str]:
+    """Plain texts of the sorting task (prompt followed by a completion), to train the tiny tokenizer on."""
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(n):
+        digits = rng.sample(range(10), rng.randint(2, 10))
+        answer = rng.sample(digits, len(digits)) if rng.random() < 0.5 else sorted(digits)
+        texts.append(_prompt(digits) + _fmt(answer))
+    return texts
+
+
+def _make_pair(rng: random.Random, length: int) -> dict:
+    digits = rng.sample(range(10), length)
+    prompt = _prompt(digits)
+    while True:
+        if rng.random() < 0.5:
+            better = sorted(digits)
+        else:
+            better = rng.sample(digits, length)
+        worse = rng.sample(digits, length)
+        r_better, r_worse = _reward_of(better), _reward_of(worse)
+        if r_better != r_worse:
+            break
+    if r_better < r_worse:
+        better, worse, r_better, r_worse = worse, better, r_worse, r_better
+    return {
+        "prompt": prompt,
+        "chosen": _fmt(better),
+        "rejected": _fmt(worse),
+        "chosen_reward": r_better,
+        "rejected_reward": r_worse,
+        "label_flipped": False,
+    }
+
+
+def _prompt(digits: list[int]) -> str:
+    return f"{PROMPT_PREFIX}{_fmt(digits)}\n"
+
+
+def _fmt(digits: list[int]) -> str:
+    return " ".join(str(d) for d in digits)
+
+
+def _parse_digits(text: str) -> list[int] | None:
+    parts = text.split()
+    if not parts or not all(len(p) == 1 and p.isdigit() for p in parts):
+        return None
+    return [int(p) for p in parts]
+
+
+def _inversions(seq: list[int]) -> int:
+    return sum(1 for i in range(len(seq)) for j in range(i + 1, len(seq)) if seq[i] > seq[j])
+
+
+def _max_inversions(length: int) -> int:
+    return max(1, length * (length - 1) // 2)
+
+
+def _reward_of(seq: list[int]) -> float:
+    return 1.0 - _inversions(seq) / _max_inversions(len(seq))
