@@ -203,3 +203,56 @@ def test_config_rejects_bad_settings(tmp_path, overrides, error, named):
 def test_config_defaults(tmp_path):
     args = _args(tmp_path)
     assert (args.gamma, args.detach_weight) == (0.5, False)
+
+
+def _trl_gradients(tokenizer, dataset, gamma, detach_weight, tmp_path):
+    """FocalPOTrainer's loss and parameter gradients on the first four pairs, and its batch."""
+    args = _args(tmp_path, gamma=gamma, detach_weight=detach_weight)
+    trainer = FocalPOTrainer(
+        model=make_model(tokenizer, seed=0),
+        ref_model=make_model(tokenizer, seed=REF_SEED),
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    return trainer, batch, loss, {n: p.grad for n, p in trainer.model.named_parameters()}
+
+
+@pytest.mark.parametrize("detach_weight", [False, True])
+@pytest.mark.parametrize("gamma", [0.0, 0.5])
+def test_from_scratch_trainer_has_the_same_loss_and_gradients(
+    tmp_path, tokenizer, dataset, gamma, detach_weight
+):
+    from focalpo_mini.trainer import TrainConfig, batch_logps, collate, prepare_pairs
+    from focalpo_mini.trainer import preference_loss as scratch_loss
+
+    _, trl_batch, trl_loss, trl_grads = _trl_gradients(
+        tokenizer, dataset, gamma, detach_weight, tmp_path
+    )
+    pairs, _, _ = prepare_pairs(tokenizer, dataset.select(range(4)), max_length=1024)
+    batch = collate(pairs, tokenizer.pad_token_id)
+    for key in ("input_ids", "attention_mask", "completion_mask"):
+        assert torch.equal(batch[key], trl_batch[key]), key  # the same tokens, mask and layout
+    with torch.no_grad():
+        reference = batch_logps(make_model(tokenizer, seed=REF_SEED), batch)
+    model = make_model(tokenizer, seed=0)
+    config = TrainConfig(gamma=gamma, detach_weight=detach_weight, batch_size=4, progress=False)
+    loss, _, _ = scratch_loss(model, batch, *reference, config=config)
+    loss.backward()
+    assert loss.item() == pytest.approx(trl_loss.item(), abs=1e-5)
+    grads = dict(model.named_parameters())
+    assert set(grads) == set(trl_grads)
+    assert sum(g.abs().sum().item() for g in trl_grads.values()) > 0
+    for name, param in grads.items():
+        torch.testing.assert_close(param.grad, trl_grads[name], atol=1e-5, rtol=0, msg=name)
+
+
+def test_compute_loss_returns_outputs_with_logits(tmp_path, tokenizer, dataset):
+    trainer, batch, loss, _ = _trl_gradients(tokenizer, dataset, 0.5, False, tmp_path)
+    again, outputs = trainer.compute_loss(trainer.model, batch, return_outputs=True)
+    assert again.item() == pytest.approx(loss.item(), abs=1e-6)
+    assert outputs.logits.shape == (*batch["input_ids"].shape, len(tokenizer))
