@@ -1,0 +1,353 @@
+"""How much GPU memory a FocalPO run needs: a plan computed from a model's config, for each recipe.
+
+``memory_plan(config, "qlora", max_length=1024, batch_size=4)`` adds up weights, trainable
+parameters, gradients, optimizer state and activations; ``fit_table`` says which GPUs hold it.
+Every number is an estimate from the assumptions in :func:`memory_plan`'s docstring, not a
+measurement: ``benchmarks/gpu_7b_step.py`` measures the real peak.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+RECIPES = ("qlora", "lora", "full")
+
+# Linear layers of a Llama/Mistral decoder layer: LoRA "on all projections" targets all seven.
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# GPU name -> (memory in GB as sold, bf16 support). GB = 1e9 bytes, as the vendors count.
+GPUS = {
+    "T4 16GB": (16, False),
+    "L4 24GB": (24, True),
+    "A100 40GB": (40, True),
+    "A100 80GB": (80, True),
+    "H100 80GB": (80, True),
+}
+
+# Part of a GPU's memory a plan may use; the rest is left for the CUDA context, the allocator's
+# fragmentation and temporary buffers the plan does not count.
+USABLE_FRACTION = 0.9
+
+_GB = 1e9
+_BF16 = 2  # bytes per value
+_FP32 = 4
+# NF4 with double quantisation (QLoRA): 4 bits per weight, one 8-bit absmax per block of 64
+# weights, and one fp32 constant per 256 of those absmax values.
+_NF4_BITS_PER_WEIGHT = 4 + 8 / 64 + 32 / (64 * 256)
+# AdamW keeps two fp32 moments per trainable parameter (the paged variant pages them, same size).
+_ADAM_BYTES = 2 * _FP32
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Per-GPU memory of one training recipe, in GB (1e9 bytes).
+
+    Attributes:
+        recipe: ``"qlora"``, ``"lora"`` or ``"full"``.
+        num_gpus: GPUs the model states are sharded over (ZeRO-3/FSDP; 1 for the LoRA recipes).
+        weights: the model's weights as stored during training (4-bit, bf16, or bf16 + fp32 master).
+        reference: a separate reference model (0 when the adapter-off base or precomputed
+            log-probs serve as the reference).
+        gradients: gradients of the trainable parameters.
+        optimizer: AdamW's two moments.
+        activations: tensors kept for the backward pass, for chosen and rejected sequences.
+        trainable_params: number of trainable parameters (not GB).
+    """
+
+    recipe: str
+    num_gpus: int
+    weights: float
+    reference: float
+    gradients: float
+    optimizer: float
+    activations: float
+    trainable_params: int
+
+    @property
+    def total(self) -> float:
+        """Sum of all parts, in GB per GPU."""
+        return self.weights + self.reference + self.gradients + self.optimizer + self.activations
+
+
+def _shape(config) -> dict[str, int]:
+    """The numbers a Llama/Mistral-style config determines memory by."""
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return {
+        "vocab": config.vocab_size,
+        "hidden": hidden,
+        "intermediate": config.intermediate_size,
+        "layers": config.num_hidden_layers,
+        "q_dim": heads * head_dim,
+        "kv_dim": kv_heads * head_dim,
+        "tied": bool(getattr(config, "tie_word_embeddings", False)),
+        "attention_bias": bool(getattr(config, "attention_bias", False)),
+        "mlp_bias": bool(getattr(config, "mlp_bias", False)),
+    }
+
+
+def _projection_shapes(config) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each linear layer in one decoder layer."""
+    s = _shape(config)
+    h, i, q, kv = s["hidden"], s["intermediate"], s["q_dim"], s["kv_dim"]
+    return {
+        "q_proj": (h, q),
+        "k_proj": (h, kv),
+        "v_proj": (h, kv),
+        "o_proj": (q, h),
+        "gate_proj": (h, i),
+        "up_proj": (h, i),
+        "down_proj": (i, h),
+    }
+
+
+def _check_config(config) -> None:
+    needed = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")
+    missing = [name for name in (*needed, "num_attention_heads") if not hasattr(config, name)]
+    if missing:
+        raise TypeError(
+            f"config must be a Llama/Mistral-style transformers config; missing {missing}"
+        )
+
+
+def linear_parameter_count(config) -> int:
+    """Parameters in the decoder layers' linear projections (the part QLoRA quantises)."""
+    _check_config(config)
+    s = _shape(config)
+    per_layer = sum(fan_in * fan_out for fan_in, fan_out in _projection_shapes(config).values())
+    if s["attention_bias"]:
+        per_layer += s["q_dim"] + 2 * s["kv_dim"] + s["hidden"]
+    if s["mlp_bias"]:
+        per_layer += 2 * s["intermediate"] + s["hidden"]
+    return s["layers"] * per_layer
+
+
+def parameter_count(config) -> int:
+    """Total parameters of a Llama/Mistral-style ``*ForCausalLM`` built from ``config``.
+
+    Embedding (V x H), per layer the seven projections and two RMSNorm weights (H each), the
+    final norm (H), and the LM head (H x V) unless it is tied to the embedding.
+
+    >>> from transformers import MistralConfig
+    >>> parameter_count(MistralConfig())  # Mistral-7B's shape
+    7241732096
+    """
+    _check_config(config)
+    s = _shape(config)
+    embedding = s["vocab"] * s["hidden"]
+    norms = (2 * s["layers"] + 1) * s["hidden"]
+    lm_head = 0 if s["tied"] else embedding
+    return embedding + linear_parameter_count(config) + norms + lm_head
+
+
+def lora_parameter_count(config, *, r: int, target_modules=ALL_PROJECTIONS) -> int:
+    """Trainable parameters of LoRA with rank ``r`` on ``target_modules`` of every decoder layer.
+
+    A LoRA pair on a linear layer (in -> out) adds A (r x in) and B (out x r): r (in + out).
+    """
+    _check_config(config)
+    if not isinstance(r, int) or r <= 0:
+        raise ValueError(f"r must be a positive integer, got {r!r}")
+    shapes = _projection_shapes(config)
+    unknown = sorted(set(target_modules) - set(shapes))
+    if unknown:
+        raise ValueError(f"target_modules must be among {list(shapes)}, got unknown {unknown}")
+    per_layer = sum(r * sum(shapes[name]) for name in target_modules)
+    return _shape(config)["layers"] * per_layer
+
+
+def activation_bytes(
+    config, *, max_length: int, batch_size: int, gradient_checkpointing: bool
+) -> float:
+    """Bytes of bf16 activations kept for the backward pass of one micro-batch.
+
+    DPO-style training runs chosen and rejected sequences together, so a micro-batch of
+    ``batch_size`` pairs is ``2 * batch_size`` sequences of up to ``max_length`` tokens.
+
+    Per token and decoder layer, the tensors autograd saves: attention block 5H + 3 KV (norm
+    input and output, q, k, v, rotated q and k, attention output; FlashAttention/SDPA keep no
+    T x T matrix); MLP 2H + 4I (norm input and output, gate, up, activated gate, their product).
+    With gradient checkpointing only each layer's input (H) is kept, plus one layer's full set
+    while it is recomputed. The fused LM head of TRL scores tokens in tiles, so the
+    (tokens x vocab) logits never exist at once and are not counted.
+    """
+    if max_length <= 0 or batch_size <= 0:
+        raise ValueError(
+            f"max_length and batch_size must be positive, got {max_length} and {batch_size}"
+        )
+    s = _shape(config)
+    h, kv, i = s["hidden"], s["kv_dim"], s["intermediate"]
+    tokens = 2 * batch_size * max_length
+    per_layer = (7 * h + 3 * kv + 4 * i) * tokens * _BF16
+    if gradient_checkpointing:
+        return s["layers"] * h * tokens * _BF16 + per_layer
+    return s["layers"] * per_layer
+
+
+def memory_plan(
+    config,
+    recipe: str,
+    *,
+    max_length: int,
+    batch_size: int,
+    gradient_checkpointing: bool = True,
+    lora_r: int = 16,
+    num_gpus: int = 1,
+    precompute_ref_log_probs: bool | None = None,
+) -> MemoryPlan:
+    """Estimated per-GPU memory of FocalPO training with ``recipe``.
+
+    Recipes and their assumptions:
+
+    - ``"qlora"``: linear layers in 4-bit NF4 with double quantisation; embedding, LM head and
+      norms in bf16. LoRA of rank ``lora_r`` on all seven projections, adapter weights in fp32
+      (PEFT upcasts them by default), fp32 gradients, AdamW. The reference is the base with the
+      adapter switched off: no second model.
+    - ``"lora"``: the same with the base in bf16.
+    - ``"full"``: mixed precision as counted by ZeRO (Rajbhandari et al. 2020): bf16 weights and
+      gradients, fp32 master weights and two fp32 AdamW moments, 16 bytes per parameter, sharded
+      over ``num_gpus`` (ZeRO-3 / FSDP full sharding). The reference model costs another 2 bytes
+      per parameter (also sharded) unless its log-probs are precomputed before training, which
+      is this book's default for the full recipe (``precompute_ref_log_probs=None`` means: True
+      for ``"full"``; the LoRA recipes never need a separate reference).
+
+    Activations come from :func:`activation_bytes` and are not sharded. Not counted: the CUDA
+    context, allocator fragmentation, temporary buffers (a dequantised weight, communication
+    buckets); :data:`USABLE_FRACTION` leaves room for them.
+
+    Args:
+        config: a transformers ``LlamaConfig`` or ``MistralConfig`` (or the same fields).
+        recipe: one of :data:`RECIPES`.
+        max_length: tokens per sequence (prompt + completion), as ``DPOConfig.max_length``.
+        batch_size: preference pairs per GPU per micro-batch.
+        gradient_checkpointing: recompute activations in the backward pass.
+        lora_r: LoRA rank (LoRA recipes only).
+        num_gpus: GPUs the full recipe shards over; must be 1 for the LoRA recipes.
+        precompute_ref_log_probs: see above.
+    """
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
+    if not isinstance(num_gpus, int) or num_gpus < 1:
+        raise ValueError(f"num_gpus must be a positive integer, got {num_gpus!r}")
+    if recipe != "full" and num_gpus != 1:
+        raise ValueError(f"num_gpus must be 1 for recipe {recipe!r} (one GPU), got {num_gpus}")
+    total_params = parameter_count(config)
+    activations = activation_bytes(
+        config,
+        max_length=max_length,
+        batch_size=batch_size,
+        gradient_checkpointing=gradient_checkpointing,
+    )
+    if recipe == "full":
+        precompute = True if precompute_ref_log_probs is None else precompute_ref_log_probs
+        shard = total_params / num_gpus
+        return MemoryPlan(
+            recipe=recipe,
+            num_gpus=num_gpus,
+            weights=shard * (_BF16 + _FP32) / _GB,
+            reference=0.0 if precompute else shard * _BF16 / _GB,
+            gradients=shard * _BF16 / _GB,
+            optimizer=shard * _ADAM_BYTES / _GB,
+            activations=activations / _GB,
+            trainable_params=total_params,
+        )
+    linear = linear_parameter_count(config)
+    other = total_params - linear
+    if recipe == "qlora":
+        base = linear * _NF4_BITS_PER_WEIGHT / 8 + other * _BF16
+    else:
+        base = total_params * _BF16
+    adapter = lora_parameter_count(config, r=lora_r)
+    return MemoryPlan(
+        recipe=recipe,
+        num_gpus=1,
+        weights=(base + adapter * _FP32) / _GB,
+        reference=0.0,
+        gradients=adapter * _FP32 / _GB,
+        optimizer=adapter * _ADAM_BYTES / _GB,
+        activations=activations / _GB,
+        trainable_params=adapter,
+    )
+
+
+def fits(plan: MemoryPlan, gpu: str) -> bool:
+    """Whether ``plan`` fits in :data:`USABLE_FRACTION` of ``gpu`` (a key of :data:`GPUS`)."""
+    if gpu not in GPUS:
+        raise ValueError(f"gpu must be one of {list(GPUS)}, got {gpu!r}")
+    return plan.total <= USABLE_FRACTION * GPUS[gpu][0]
+
+
+def fit_table(
+    config,
+    *,
+    max_length: int,
+    batch_size: int,
+    gradient_checkpointing: bool = True,
+    lora_r: int = 16,
+    full_num_gpus: int = 8,
+) -> list[dict]:
+    """One row per recipe: its :class:`MemoryPlan` parts in GB and, per GPU, whether it fits.
+
+    The full recipe gets two rows: on one GPU, and sharded over ``full_num_gpus`` GPUs of the same
+    kind (the memory is per GPU).
+    A GPU without bf16 (the T4) is marked ``"no bf16"`` when the memory would fit, since every
+    recipe here computes in bf16.
+    """
+    rows = []
+    for recipe, num_gpus in (("qlora", 1), ("lora", 1), ("full", 1), ("full", full_num_gpus)):
+        plan = memory_plan(
+            config,
+            recipe,
+            max_length=max_length,
+            batch_size=batch_size,
+            gradient_checkpointing=gradient_checkpointing,
+            lora_r=lora_r,
+            num_gpus=num_gpus,
+        )
+        row = {
+            "recipe": recipe if plan.num_gpus == 1 else f"{recipe} ({plan.num_gpus} GPUs)",
+            "trainable (M)": plan.trainable_params / 1e6,
+            "weights": plan.weights,
+            "reference": plan.reference,
+            "gradients": plan.gradients,
+            "optimizer": plan.optimizer,
+            "activations": plan.activations,
+            "total (GB/GPU)": plan.total,
+        }
+        for gpu, (_, bf16) in GPUS.items():
+            row[gpu] = ("yes" if bf16 else "no bf16") if fits(plan, gpu) else "no"
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """A fixed-width text table of :func:`fit_table`'s rows (floats to one decimal)."""
+    if not rows:
+        raise ValueError("rows must not be empty")
+    columns = list(rows[0])
+    cells = [
+        [f"{row[c]:.1f}" if isinstance(row[c], float) else str(row[c]) for c in columns]
+        for row in rows
+    ]
+    widths = [max(len(c), *(len(line[k]) for line in cells)) for k, c in enumerate(columns)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(line, widths, strict=True)) for line in cells]
+    return "\n".join(lines)
+
+
+def recipe_that_fits(
+    config, gpu_memory_gb: float, *, max_length: int, batch_size: int, lora_r: int = 16
+) -> str | None:
+    """The single-GPU recipe with the most trainable parameters that fits ``gpu_memory_gb``.
+
+    Tries ``"full"``, ``"lora"``, ``"qlora"`` in that order; None if none fits.
+    """
+    for recipe in ("full", "lora", "qlora"):
+        plan = memory_plan(
+            config, recipe, max_length=max_length, batch_size=batch_size, lora_r=lora_r
+        )
+        if plan.total <= USABLE_FRACTION * gpu_memory_gb:
+            return recipe
+    return None

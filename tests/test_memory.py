@@ -1,0 +1,179 @@
+"""The memory plan's parameter counts against models transformers and peft build themselves."""
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+from focalpo_mini.memory import (
+    ALL_PROJECTIONS,
+    GPUS,
+    USABLE_FRACTION,
+    activation_bytes,
+    fit_table,
+    fits,
+    format_table,
+    linear_parameter_count,
+    lora_parameter_count,
+    memory_plan,
+    parameter_count,
+    recipe_that_fits,
+)
+
+MISTRAL_7B = dict(
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+)
+LLAMA_3_8B = dict(**{**MISTRAL_7B, "vocab_size": 128256}, tie_word_embeddings=False)
+
+
+def _meta_count(model_cls, config) -> tuple[int, int]:
+    """(all parameters, parameters of nn.Linear layers inside decoder layers), built on meta."""
+    with torch.device("meta"):
+        model = model_cls(config)
+    total = sum(p.numel() for p in model.parameters())
+    linear = sum(
+        p.numel()
+        for name, module in model.model.layers.named_modules()
+        if isinstance(module, torch.nn.Linear)
+        for p in module.parameters()
+    )
+    return total, linear
+
+
+@pytest.mark.parametrize(
+    ("model_cls", "config"),
+    [
+        (MistralForCausalLM, MistralConfig(**MISTRAL_7B)),
+        (LlamaForCausalLM, LlamaConfig(**LLAMA_3_8B)),
+        (LlamaForCausalLM, LlamaConfig(**{**LLAMA_3_8B, "tie_word_embeddings": True})),
+        (LlamaForCausalLM, LlamaConfig(**MISTRAL_7B, attention_bias=True, mlp_bias=True)),
+    ],
+    ids=["mistral-7b", "llama-3-8b", "llama-tied", "llama-biases"],
+)
+def test_parameter_counts_equal_transformers(model_cls, config):
+    total, linear = _meta_count(model_cls, config)
+    assert parameter_count(config) == total
+    assert linear_parameter_count(config) == linear
+
+
+def _small_config(**overrides) -> LlamaConfig:
+    settings = dict(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return LlamaConfig(**{**settings, **overrides})
+
+
+@pytest.mark.parametrize(
+    ("r", "targets"),
+    [(8, ALL_PROJECTIONS), (4, ("q_proj", "v_proj")), (2, ("down_proj", "k_proj"))],
+)
+def test_lora_counts_equal_peft(r, targets):
+    config = _small_config()
+    model = get_peft_model(
+        LlamaForCausalLM(config),
+        LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), task_type="CAUSAL_LM"),
+    )
+    trainable, _ = model.get_nb_trainable_parameters()
+    assert lora_parameter_count(config, r=r, target_modules=targets) == trainable
+
+
+def test_lora_plan_counts_peft_trainable_parameters():
+    config = _small_config()
+    model = get_peft_model(
+        LlamaForCausalLM(config),
+        LoraConfig(r=16, target_modules=list(ALL_PROJECTIONS), task_type="CAUSAL_LM"),
+    )
+    trainable, _ = model.get_nb_trainable_parameters()
+    plan = memory_plan(config, "lora", max_length=8, batch_size=1, lora_r=16)
+    assert plan.trainable_params == trainable
+    assert plan.optimizer == pytest.approx(trainable * 8 / 1e9)
+
+
+def test_activation_bytes_match_a_naive_count():
+    config = _small_config()
+    h, kv, i, layers = 32, 16, 48, 2  # kv = 2 heads x head_dim 8
+    tokens = 2 * 3 * 10
+    per_layer = 0
+    for values in (h, h, h, kv, kv, h, kv, h):  # attention: norm in/out, q, k, v, rope q/k, out
+        per_layer += values
+    for values in (h, h, i, i, i, i):  # MLP: norm in/out, gate, up, act(gate), product
+        per_layer += values
+    full = layers * per_layer * tokens * 2
+    kept = layers * h * tokens * 2 + per_layer * tokens * 2
+    assert (
+        activation_bytes(config, max_length=10, batch_size=3, gradient_checkpointing=False) == full
+    )
+    assert (
+        activation_bytes(config, max_length=10, batch_size=3, gradient_checkpointing=True) == kept
+    )
+
+
+def test_recipes_order_by_memory_and_sharding_divides_model_states():
+    config = MistralConfig(**MISTRAL_7B)
+    plans = {
+        r: memory_plan(config, r, max_length=1024, batch_size=4) for r in ("qlora", "lora", "full")
+    }
+    assert plans["qlora"].total < plans["lora"].total < plans["full"].total
+    # 4-bit base: under a third of the bf16 base.
+    assert plans["qlora"].weights < plans["lora"].weights / 3
+    sharded = memory_plan(config, "full", max_length=1024, batch_size=4, num_gpus=8)
+    states = plans["full"].total - plans["full"].activations
+    assert sharded.total - sharded.activations == pytest.approx(states / 8)
+    # Full fine-tuning: 16 bytes per parameter; a live reference adds 2 more.
+    assert states == pytest.approx(parameter_count(config) * 16 / 1e9)
+    live_ref = memory_plan(
+        config, "full", max_length=1024, batch_size=4, precompute_ref_log_probs=False
+    )
+    assert live_ref.reference == pytest.approx(parameter_count(config) * 2 / 1e9)
+
+
+def test_fit_table_agrees_with_fits_and_marks_missing_bf16():
+    config = MistralConfig(**MISTRAL_7B)
+    rows = fit_table(config, max_length=1024, batch_size=4)
+    assert [row["recipe"] for row in rows] == ["qlora", "lora", "full", "full (8 GPUs)"]
+    for row in rows:
+        for gpu, (memory, bf16) in GPUS.items():
+            fit = row["total (GB/GPU)"] <= USABLE_FRACTION * memory
+            assert row[gpu] == ("no" if not fit else "yes" if bf16 else "no bf16")
+    assert rows[2]["H100 80GB"] == "no"  # full 7B on one GPU: over 100 GB
+    assert "recipe" in format_table(rows).splitlines()[0]
+
+
+def test_recipe_that_fits_picks_the_largest_recipe():
+    config = MistralConfig(**MISTRAL_7B)
+    kwargs = dict(max_length=1024, batch_size=4)
+    for memory in (16, 24, 40, 80, 1000):
+        choice = recipe_that_fits(config, memory, **kwargs)
+        assert choice is not None
+        plan = memory_plan(config, choice, **kwargs)
+        assert plan.total <= USABLE_FRACTION * memory
+    assert recipe_that_fits(config, 1000, **kwargs) == "full"
+    assert recipe_that_fits(config, 1, **kwargs) is None
+
+
+def test_invalid_arguments_are_rejected():
+    config = _small_config()
+    with pytest.raises(ValueError, match="recipe"):
+        memory_plan(config, "adapter", max_length=8, batch_size=1)
+    with pytest.raises(ValueError, match="num_gpus"):
+        memory_plan(config, "lora", max_length=8, batch_size=1, num_gpus=2)
+    with pytest.raises(ValueError, match="max_length"):
+        memory_plan(config, "lora", max_length=0, batch_size=1)
+    with pytest.raises(ValueError, match="target_modules"):
+        lora_parameter_count(config, r=4, target_modules=("wq",))
+    with pytest.raises(ValueError, match="r must"):
+        lora_parameter_count(config, r=0)
+    with pytest.raises(TypeError, match="config"):
+        parameter_count(object())
+    with pytest.raises(ValueError, match="gpu"):
+        fits(memory_plan(config, "lora", max_length=8, batch_size=1), "V100")
