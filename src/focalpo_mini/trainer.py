@@ -1,0 +1,698 @@
+"""A preference-optimisation training loop (FocalPO, DPO or any such loss) to read top to bottom.
+
+1. Tokenise every pair once, as TRL 1.16's DPOTrainer does (:func:`tokenize_pair`).
+2. Compute the reference log-probs of every train and eval pair once, before training, with the
+   policy as given (or ``ref_model``), and keep only those numbers: no reference model in memory.
+3. Each step: one forward pass over the chosen rows stacked on the rejected rows (:func:`collate`),
+   the loss from :mod:`focalpo_mini.losses`, AdamW with linear warm-up and decay, gradient
+   accumulation and clipping.
+4. Log TRL's metric names, the mean focal weight and Chen et al.'s per-group metrics; evaluate on a
+   held-out split; checkpoint atomically, so that a resumed run repeats the uninterrupted one bit
+   for bit on a CPU.
+
+Truncation policy. A sequence is prompt + completion. If ``max_prompt_length`` is set, a longer
+prompt keeps its last ``max_prompt_length`` tokens (cut from the left: the prompt's end is next to
+the completion). Then a sequence longer than ``max_length`` loses completion tokens from the right.
+A pair whose prompt alone fills ``max_length`` has no completion token left and is dropped. With
+``max_prompt_length=None`` this is TRL 1.16's ``truncation_mode="keep_start"`` exactly.
+:func:`prepare_pairs` counts every cut and warns with the counts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+from tqdm.auto import tqdm
+
+from focalpo_mini._checks import check_number
+from focalpo_mini.logprobs import sequence_logps
+from focalpo_mini.losses import dpo_loss, focalpo_loss, preference_logits
+from focalpo_mini.metrics import preference_metrics
+
+REQUIRED_COLUMNS = ("prompt", "chosen", "rejected")
+CHECKPOINT_NAME = "checkpoint.pt"
+# These change what is logged or saved, never the trajectory, so a resumed run may change them.
+# max_steps is not among them: it sets the learning-rate decay.
+RESUMABLE_FIELDS = (
+    "log_every",
+    "eval_every",
+    "checkpoint_dir",
+    "checkpoint_every",
+    "progress",
+    "record_eval_pairs",
+)
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of :func:`train`. The defaults suit the book's tiny world on a CPU.
+
+    ``loss`` is ``"focalpo"``, ``"dpo"`` or a callable with :func:`focalpo_loss`'s signature.
+    ``max_grad_norm=None`` turns clipping off. ``eval_every=0`` evaluates only before the first
+    and after the last step. ``checkpoint_every=0`` checkpoints only on KeyboardInterrupt (when
+    ``checkpoint_dir`` is set). ``record_eval_pairs`` keeps per-pair eval tensors.
+    """
+
+    beta: float = 0.1
+    loss: str | Callable[..., torch.Tensor] = "focalpo"
+    gamma: float = 0.5
+    detach_weight: bool = False
+    learning_rate: float = 1e-4
+    batch_size: int = 16
+    grad_accum_steps: int = 1
+    max_steps: int = 100
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0
+    weight_decay: float = 0.0
+    max_length: int = 1024
+    max_prompt_length: int | None = None
+    eval_every: int = 0
+    log_every: int = 10
+    seed: int = 0
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0
+    record_eval_pairs: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not (self.loss in ("dpo", "focalpo") or callable(self.loss)):
+            raise ValueError(f"loss must be 'dpo', 'focalpo' or a callable, got {self.loss!r}")
+        check_number("beta", self.beta, minimum=0.0, inclusive=False)
+        check_number("gamma", self.gamma, minimum=0.0)
+        check_number("learning_rate", self.learning_rate, minimum=0.0, inclusive=False)
+        check_number("weight_decay", self.weight_decay, minimum=0.0)
+        if self.max_grad_norm is not None:
+            check_number("max_grad_norm", self.max_grad_norm, minimum=0.0, inclusive=False)
+        for name in ("batch_size", "grad_accum_steps", "max_steps", "max_length"):
+            _check_int(name, getattr(self, name), 1)
+        for name in ("warmup_steps", "eval_every", "checkpoint_every", "seed"):
+            _check_int(name, getattr(self, name), 0)
+        _check_int("log_every", self.log_every, 1)
+        if self.max_prompt_length is not None:
+            _check_int("max_prompt_length", self.max_prompt_length, 1)
+            if self.max_prompt_length >= self.max_length:
+                raise ValueError(
+                    f"max_prompt_length must be < max_length = {self.max_length}, "
+                    f"got {self.max_prompt_length}"
+                )
+        for name in ("detach_weight", "record_eval_pairs", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.checkpoint_every and self.checkpoint_dir is None:
+            raise ValueError("checkpoint_every > 0 needs a checkpoint_dir")
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns. The model itself is trained in place.
+
+    ``history``: one dict per log step (``step``, ``loss``, TRL's ``rewards/*`` and ``logps/*``,
+    ``focal/weight_mean``, ``groups/*``, ``learning_rate``, ``grad_norm``, ``num_tokens``).
+    ``eval_history``: the same metric names on the eval split. ``eval_pairs``: with
+    ``record_eval_pairs``, one dict of ``(N,)`` tensors per evaluation (``step``, ``index`` = the
+    dataset row, policy and reference log-probs, ``z``). ``data_stats``: truncation counts.
+    """
+
+    history: list[dict[str, float]]
+    eval_history: list[dict[str, float]]
+    eval_pairs: list[dict]
+    config: TrainConfig
+    data_stats: dict[str, dict[str, int]]
+    train_seconds: float = 0.0
+
+    def series(self, name: str, *, split: str = "train") -> tuple[list[int], list[float]]:
+        """``(steps, values)`` of one metric, ready for ``plt.plot(*result.series("loss"))``."""
+        if split not in ("train", "eval"):
+            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+        rows = [r for r in (self.history if split == "train" else self.eval_history) if name in r]
+        if not rows:
+            raise KeyError(f"no {split} metric {name!r}; logged: {self.metric_names(split)}")
+        return [r["step"] for r in rows], [r[name] for r in rows]
+
+    def metric_names(self, split: str = "train") -> list[str]:
+        rows = self.history if split == "train" else self.eval_history
+        return sorted({k for r in rows for k in r} - {"step"})
+
+
+# --- Data: tokenise, truncate, collate --------------------------------------------------------
+
+
+def tokenize_pair(tokenizer, example: dict) -> dict[str, list[int]]:
+    """Token ids of one pair, as TRL 1.16's DPOTrainer makes them.
+
+    Plain text: eos is appended to each completion (unless already there) and prompt,
+    prompt+chosen and prompt+rejected are tokenised. Conversational (lists of messages): the chat
+    template renders the prompt with ``add_generation_prompt=True`` and the full conversations
+    without; the template closes each turn, so no eos is added. The completion starts where the
+    prompt's ids and the full ids first differ (shortest of the two), as in TRL.
+
+    Returns:
+        ``prompt_ids``, ``chosen_ids``, ``rejected_ids``: lists of token ids.
+    """
+    prompt_ids, chosen_full = _encode(tokenizer, example["prompt"], example["chosen"])
+    _, rejected_full = _encode(tokenizer, example["prompt"], example["rejected"])
+    n = min(_common_prefix(prompt_ids, chosen_full), _common_prefix(prompt_ids, rejected_full))
+    return {
+        "prompt_ids": prompt_ids[:n],
+        "chosen_ids": chosen_full[n:],
+        "rejected_ids": rejected_full[n:],
+    }
+
+
+def tokenize_completion(tokenizer, prompt, completion) -> dict[str, list[int]]:
+    """``prompt_ids`` and ``completion_ids`` of one prompt/completion, tokenised like a pair's."""
+    prompt_ids, full = _encode(tokenizer, prompt, completion)
+    n = _common_prefix(prompt_ids, full)
+    return {"prompt_ids": prompt_ids[:n], "completion_ids": full[n:]}
+
+
+def prepare_pairs(
+    tokenizer,
+    dataset,
+    *,
+    max_length: int,
+    max_prompt_length: int | None = None,
+    name: str = "dataset",
+) -> tuple[list[dict[str, list[int]]], list[int], dict[str, int]]:
+    """Validate, tokenise and truncate a preference dataset (the module docstring has the policy).
+
+    Raises ValueError if a column is missing or a completion is empty (naming the row). Warns, with
+    counts, about pairs skipped because chosen == rejected and about truncation.
+
+    Returns:
+        ``(pairs, rows, stats)``: the kept pairs (dicts of ``prompt_ids``/``chosen_ids``/
+        ``rejected_ids``), the dataset row of each, and the counts ``pairs``, ``identical_skipped``,
+        ``truncated``, ``dropped_prompt_too_long``, ``prompt_tokens_cut``,
+        ``completion_tokens_cut``.
+    """
+    columns = list(getattr(dataset, "column_names", None) or (dataset[0] if len(dataset) else []))
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        raise ValueError(f"{name} is missing column(s) {missing}; found columns {columns}")
+    stats = dict.fromkeys(
+        (
+            "pairs",
+            "identical_skipped",
+            "truncated",
+            "dropped_prompt_too_long",
+            "prompt_tokens_cut",
+            "completion_tokens_cut",
+        ),
+        0,
+    )
+    pairs, rows = [], []
+    for i, example in enumerate(dataset):
+        for column in ("chosen", "rejected"):
+            if not _text(example[column]).strip():
+                raise ValueError(f"{name} row {i}: the {column} completion is empty")
+        if example["chosen"] == example["rejected"]:
+            stats["identical_skipped"] += 1
+            continue
+        pair = _truncate(tokenize_pair(tokenizer, example), max_length, max_prompt_length, stats)
+        if pair is not None:
+            pairs.append(pair)
+            rows.append(i)
+    stats["pairs"] = len(pairs)
+    if stats["identical_skipped"]:
+        warnings.warn(
+            f"{name}: skipped {stats['identical_skipped']} pair(s) with chosen == rejected",
+            stacklevel=2,
+        )
+    if stats["truncated"] or stats["dropped_prompt_too_long"]:
+        warnings.warn(
+            f"{name}: dropped {stats['dropped_prompt_too_long']} pair(s) whose prompt fills "
+            f"max_length={max_length}; truncated {stats['truncated']} pair(s), cutting "
+            f"{stats['prompt_tokens_cut']} prompt token(s) from the left and "
+            f"{stats['completion_tokens_cut']} completion token(s) from the right",
+            stacklevel=2,
+        )
+    return pairs, rows, stats
+
+
+def collate_completions(rows: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad prompt+completion rows (dicts of ``prompt_ids``, ``completion_ids``).
+
+    Returns ``input_ids`` (padded with ``pad_token_id``), ``attention_mask`` and
+    ``completion_mask`` (1 on completion tokens), each of shape ``(R, T)``, ``T`` the longest row.
+    """
+    length = max(len(r["prompt_ids"]) + len(r["completion_ids"]) for r in rows)
+    input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    completion_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n, end = len(r["prompt_ids"]), len(r["prompt_ids"]) + len(r["completion_ids"])
+        input_ids[i, :end] = torch.tensor(r["prompt_ids"] + r["completion_ids"])
+        attention_mask[i, :end] = 1
+        completion_mask[i, n:end] = 1
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "completion_mask": completion_mask,
+    }
+
+
+def collate(pairs: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """A batch of B pairs as 2B right-padded rows: chosen rows 0..B-1 over rejected rows B..2B-1.
+
+    The same layout as TRL's ``DataCollatorForPreference``; see :func:`collate_completions`.
+    """
+    chosen = [{"prompt_ids": p["prompt_ids"], "completion_ids": p["chosen_ids"]} for p in pairs]
+    rejected = [{"prompt_ids": p["prompt_ids"], "completion_ids": p["rejected_ids"]} for p in pairs]
+    return collate_completions(chosen + rejected, pad_token_id)
+
+
+# --- Log-probs, loss and metrics of a batch ---------------------------------------------------
+
+
+def batch_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs ``(chosen, rejected)``, each ``(B,)``, from ONE forward pass."""
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).logits
+    return sequence_logps(logits, batch["input_ids"], batch["completion_mask"]).chunk(2)
+
+
+def preference_loss(
+    model, batch, ref_chosen_logps, ref_rejected_logps, *, config: TrainConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One batch's loss (mean over pairs) and policy log-probs, as :func:`train` computes them:
+    ``(loss, chosen_logps, rejected_logps)``. ``loss.backward()`` gives the step's gradient."""
+    chosen, rejected = batch_logps(model, batch)
+    loss = _configured_loss(chosen, rejected, ref_chosen_logps, ref_rejected_logps, config)
+    return loss, chosen, rejected
+
+
+@torch.no_grad()
+def group_metrics(
+    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta
+) -> dict[str, float]:
+    """Chen et al.'s groups: pairs the reference ranks correctly (log pi_ref(y_w) >=
+    log pi_ref(y_l)) or not. Per group: ``count``, ``reward_accuracy`` (z > 0), ``ranking_accuracy``
+    (log pi(y_w) >= log pi(y_l)) and mean ``margin`` (z); NaN for an empty group."""
+    z = preference_logits(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=beta
+    )
+    values = {
+        "reward_accuracy": (z > 0).float(),
+        "ranking_accuracy": (policy_chosen_logps >= policy_rejected_logps).float(),
+        "margin": z,
+    }
+    ref_correct = ref_chosen_logps >= ref_rejected_logps
+    out = {}
+    for group, mask in (("ref_correct", ref_correct), ("ref_incorrect", ~ref_correct)):
+        count = int(mask.sum())
+        out[f"groups/{group}/count"] = float(count)
+        for key, v in values.items():
+            out[f"groups/{group}/{key}"] = v[mask].mean().item() if count else math.nan
+    return out
+
+
+def pair_logps(
+    model,
+    tokenizer,
+    dataset,
+    *,
+    max_length: int = 1024,
+    max_prompt_length: int | None = None,
+    batch_size: int = 32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs of every pair under ``model`` (eval mode, no gradients).
+
+    Returns ``(chosen, rejected)``, each ``(len(dataset),)`` in nats; NaN for a row that
+    :func:`prepare_pairs` skips (chosen == rejected, or prompt filling ``max_length``).
+    """
+    pairs, rows, _ = prepare_pairs(
+        tokenizer, dataset, max_length=max_length, max_prompt_length=max_prompt_length
+    )
+    chosen, rejected = _all_logps(model, pairs, batch_size, _pad_id(tokenizer))
+    out = torch.full((2, len(dataset)), math.nan, dtype=chosen.dtype)
+    out[:, rows] = torch.stack([chosen, rejected])
+    return out[0], out[1]
+
+
+# --- The loop ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Split:
+    pairs: list[dict[str, list[int]]]
+    rows: list[int]
+    stats: dict[str, int]
+    ref_chosen: torch.Tensor | None = None
+    ref_rejected: torch.Tensor | None = None
+    fingerprint: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.fingerprint = hashlib.sha256(repr(self.pairs).encode()).hexdigest()
+
+
+def train(
+    model,
+    tokenizer,
+    train_dataset,
+    eval_dataset=None,
+    *,
+    config: TrainConfig | None = None,
+    ref_model=None,
+    resume_from: str | os.PathLike | None = None,
+) -> TrainResult:
+    """Train ``model`` in place on preference pairs and return its metric history.
+
+    The reference is ``model`` as given (or ``ref_model``, used once for the cache): its
+    log-probs of every pair are computed before the first step and cached. ``resume_from`` is a
+    checkpoint file or directory written by an earlier run with the same config (fields in
+    ``RESUMABLE_FIELDS`` may differ) and the same data.
+    """
+    config = TrainConfig() if config is None else config
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    pad_id, device = _pad_id(tokenizer), next(model.parameters()).device
+    limits = {"max_length": config.max_length, "max_prompt_length": config.max_prompt_length}
+    splits = {
+        "train": _Split(*prepare_pairs(tokenizer, train_dataset, **limits, name="train_dataset"))
+    }
+    if eval_dataset is not None:
+        splits["eval"] = _Split(
+            *prepare_pairs(tokenizer, eval_dataset, **limits, name="eval_dataset")
+        )
+    train_split = splits["train"]
+    if len(train_split.pairs) < config.batch_size:
+        raise ValueError(
+            f"train_dataset has {len(train_split.pairs)} usable pair(s), fewer than "
+            f"batch_size={config.batch_size}"
+        )
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
+    state = _load_checkpoint(resume_from, config, splits) if resume_from is not None else None
+    if state is None:
+        for split in splits.values():  # the reference: computed once, then only numbers are kept
+            split.ref_chosen, split.ref_rejected = _all_logps(
+                model if ref_model is None else ref_model, split.pairs, config.batch_size, pad_id
+            )
+        del ref_model
+        torch.manual_seed(config.seed)
+        step, num_tokens, pending, rng = 0, 0, [], _rng_state()
+        history, eval_history, eval_pairs = [], [], []
+    else:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        step, num_tokens, pending, rng = (
+            state["step"],
+            state["num_tokens"],
+            state["pending"],
+            state["rng"],
+        )
+        history, eval_history, eval_pairs = (
+            state["history"],
+            state["eval_history"],
+            state["eval_pairs"],
+        )
+
+    def evaluate() -> None:
+        metrics, pairs = _evaluate(model, splits["eval"], config, pad_id)
+        eval_history.append({"step": step, **metrics})
+        if config.record_eval_pairs:
+            eval_pairs.append({"step": step, **pairs})
+
+    def save() -> None:
+        payload = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rng,
+            "step": step,
+            "data_position": divmod(step * config.grad_accum_steps, batches_per_epoch),
+            "num_tokens": num_tokens,
+            "pending": pending,
+            "history": history,
+            "eval_history": eval_history,
+            "eval_pairs": eval_pairs,
+            "config": _config_record(config),
+            "splits": {k: (s.fingerprint, s.ref_chosen, s.ref_rejected) for k, s in splits.items()},
+        }
+        _atomic_save(payload, os.path.join(config.checkpoint_dir, CHECKPOINT_NAME))
+
+    batches_per_epoch = (
+        len(train_split.pairs) // config.batch_size
+    )  # the last partial batch is dropped
+    orders: dict[int, list[int]] = {}
+    bar = tqdm(total=config.max_steps, initial=step, disable=not config.progress, desc="train")
+    model.train()
+    start = time.perf_counter()
+    try:
+        if "eval" in splits and step == 0:
+            evaluate()
+        while step < config.max_steps:
+            step_records = []
+            for micro in range(config.grad_accum_steps):
+                epoch, position = divmod(step * config.grad_accum_steps + micro, batches_per_epoch)
+                if epoch not in orders:  # data order: a generator seeded by (seed, epoch)
+                    orders = {epoch: _epoch_order(len(train_split.pairs), config.seed, epoch)}
+                idx = orders[epoch][
+                    position * config.batch_size : (position + 1) * config.batch_size
+                ]
+                batch = _to(collate([train_split.pairs[i] for i in idx], pad_id), device)
+                ref = (
+                    train_split.ref_chosen[idx].to(device),
+                    train_split.ref_rejected[idx].to(device),
+                )
+                loss, chosen, rejected = preference_loss(model, batch, *ref, config=config)
+                (loss / config.grad_accum_steps).backward()
+                step_records.append((loss.detach(), chosen.detach(), rejected.detach(), *ref))
+                num_tokens += int(batch["attention_mask"].sum())
+            grad_norm = (
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                if config.max_grad_norm is not None
+                else None
+            )
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step, rng = step + 1, _rng_state()
+            pending.extend(step_records)
+            if step % config.log_every == 0 or step == config.max_steps:
+                entry = _summarise(pending, config)
+                entry.update(learning_rate=scheduler.get_last_lr()[0], num_tokens=num_tokens)
+                entry["grad_norm"] = math.nan if grad_norm is None else grad_norm.item()
+                history.append({"step": step, **entry})
+                bar.set_postfix(loss=f"{entry['loss']:.4f}")
+                pending = []
+            if "eval" in splits and (
+                step == config.max_steps or (config.eval_every and step % config.eval_every == 0)
+            ):
+                evaluate()
+            if config.checkpoint_every and step % config.checkpoint_every == 0:
+                save()
+            bar.update(1)
+    except KeyboardInterrupt:
+        if config.checkpoint_dir is not None:
+            save()  # the state after the last completed step; partial accumulation is discarded
+        raise
+    finally:
+        bar.close()
+    stats = {k: s.stats for k, s in splits.items()}
+    elapsed = time.perf_counter() - start
+    return TrainResult(history, eval_history, eval_pairs, config, stats, elapsed)
+
+
+def _summarise(records: list[tuple[torch.Tensor, ...]], config: TrainConfig) -> dict[str, float]:
+    """Metrics over the micro-batches since the last log: mean loss, then per-pair metrics."""
+    loss = torch.stack([r[0] for r in records]).mean().item()
+    chosen, rejected, ref_chosen, ref_rejected = (
+        torch.cat(t) for t in list(zip(*records, strict=True))[1:]
+    )
+    gamma = 0.0 if config.loss == "dpo" else config.gamma
+    logps = (chosen, rejected, ref_chosen, ref_rejected)
+    return {
+        "loss": loss,
+        **preference_metrics(*logps, beta=config.beta, gamma=gamma),
+        **group_metrics(*logps, beta=config.beta),
+    }
+
+
+def _evaluate(model, split: _Split, config: TrainConfig, pad_id: int):
+    chosen, rejected = _all_logps(model, split.pairs, config.batch_size, pad_id)
+    ref = (split.ref_chosen, split.ref_rejected)
+    with torch.no_grad():
+        loss = _configured_loss(chosen, rejected, *ref, config)
+    metrics = _summarise([(loss, chosen, rejected, *ref)], config)
+    z = preference_logits(chosen, rejected, *ref, beta=config.beta)
+    pairs = {
+        "index": torch.tensor(split.rows),
+        "policy_chosen_logps": chosen,
+        "policy_rejected_logps": rejected,
+        "ref_chosen_logps": ref[0],
+        "ref_rejected_logps": ref[1],
+        "z": z,
+    }
+    return metrics, pairs
+
+
+def _configured_loss(chosen, rejected, ref_chosen, ref_rejected, config: TrainConfig):
+    logps = (chosen, rejected, ref_chosen, ref_rejected)
+    if config.loss == "dpo":
+        return dpo_loss(*logps, beta=config.beta)
+    loss_fn = focalpo_loss if config.loss == "focalpo" else config.loss
+    return loss_fn(
+        *logps,
+        beta=config.beta,
+        gamma=config.gamma,
+        detach_weight=config.detach_weight,
+        reduction="mean",
+    )
+
+
+def _all_logps(model, pairs, batch_size: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen and rejected log-probs of all pairs, in order, in eval mode with no autograd."""
+    was_training, device = model.training, next(model.parameters()).device
+    model.eval()
+    with torch.inference_mode():
+        parts = [
+            batch_logps(model, _to(collate(pairs[i : i + batch_size], pad_id), device))
+            for i in range(0, len(pairs), batch_size)
+        ]
+    model.train(was_training)
+    # cloned outside inference mode, so autograd may use them as constants later
+    return tuple(torch.cat([p[k] for p in parts]).clone() for k in (0, 1))
+
+
+def _encode(tokenizer, prompt, completion) -> tuple[list[int], list[int]]:
+    if isinstance(prompt, list):
+
+        def ids(messages, **kwargs):
+            return tokenizer.apply_chat_template(
+                messages, tokenize=True, return_dict=True, **kwargs
+            )["input_ids"]
+
+        return ids(prompt, add_generation_prompt=True), ids(prompt + completion)
+    if not completion.endswith(tokenizer.eos_token):
+        completion = completion + tokenizer.eos_token
+    return tokenizer(text=prompt)["input_ids"], tokenizer(text=prompt + completion)["input_ids"]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _truncate(pair, max_length: int, max_prompt_length: int | None, stats: dict) -> dict | None:
+    prompt = pair["prompt_ids"]
+    prompt_cut = 0
+    if max_prompt_length is not None and len(prompt) > max_prompt_length:
+        prompt_cut = len(prompt) - max_prompt_length
+        prompt = prompt[-max_prompt_length:]
+    if len(prompt) >= max_length:
+        stats["dropped_prompt_too_long"] += 1
+        return None
+    room = max_length - len(prompt)
+    completion_cut = sum(max(0, len(pair[k]) - room) for k in ("chosen_ids", "rejected_ids"))
+    if prompt_cut or completion_cut:
+        stats["truncated"] += 1
+        stats["prompt_tokens_cut"] += prompt_cut
+        stats["completion_tokens_cut"] += completion_cut
+    return {
+        "prompt_ids": prompt,
+        "chosen_ids": pair["chosen_ids"][:room],
+        "rejected_ids": pair["rejected_ids"][:room],
+    }
+
+
+def _text(completion) -> str:
+    if isinstance(completion, list):
+        return "".join(str(m.get("content", "")) for m in completion)
+    return completion
+
+
+def _pad_id(tokenizer) -> int:
+    pad_id = tokenizer.pad_token_id
+    return tokenizer.eos_token_id if pad_id is None else pad_id
+
+
+def _to(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+def _lr_factor(step: int, config: TrainConfig) -> float:
+    """Linear warm-up from 0, then linear decay to 0 at max_steps (transformers' "linear")."""
+    if step < config.warmup_steps:
+        return step / config.warmup_steps
+    return max(0.0, (config.max_steps - step) / max(1, config.max_steps - config.warmup_steps))
+
+
+def _rng_state() -> dict[str, object]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, object]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _config_record(config: TrainConfig) -> dict:
+    record = asdict(config)
+    if callable(config.loss):
+        record["loss"] = f"{config.loss.__module__}.{config.loss.__qualname__}"
+    return record
+
+
+def _atomic_save(payload: dict, path: str) -> None:
+    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path, config: TrainConfig, splits: dict[str, _Split]) -> dict:
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, CHECKPOINT_NAME)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    saved, current = state["config"], _config_record(config)
+    differ = [
+        f"{f.name} (checkpoint {saved.get(f.name)!r}, now {current[f.name]!r})"
+        for f in fields(TrainConfig)
+        if f.name not in RESUMABLE_FIELDS and saved.get(f.name) != current[f.name]
+    ]
+    if differ:
+        raise ValueError(
+            f"checkpoint {path} was written with a different config: {', '.join(differ)}"
+        )
+    if set(state["splits"]) != set(splits):
+        raise ValueError(
+            f"checkpoint {path} has splits {sorted(state['splits'])}, now {sorted(splits)}"
+        )
+    for name, (fingerprint, ref_chosen, ref_rejected) in state["splits"].items():
+        if fingerprint != splits[name].fingerprint:
+            raise ValueError(
+                f"{name}_dataset differs from the one checkpoint {path} was written with"
+            )
+        splits[name].ref_chosen, splits[name].ref_rejected = ref_chosen, ref_rejected
+    return state
