@@ -658,7 +658,8 @@ def _check_int(name: str, value: object, minimum: int) -> None:
 def _config_record(config: TrainConfig) -> dict:
     record = asdict(config)
     if callable(config.loss):
-        record["loss"] = f"{config.loss.__module__}.{config.loss.__qualname__}"
+        named = config.loss if hasattr(config.loss, "__qualname__") else type(config.loss)
+        record["loss"] = f"{named.__module__}.{named.__qualname__}"
     return record
 
 
