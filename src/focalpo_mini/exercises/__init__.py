@@ -16,16 +16,30 @@ from focalpo_mini.exercises.part1 import (
     check_implicit_reward,
     check_optimal_policy,
 )
+from focalpo_mini.exercises.scratch import (
+    check_detached_weight_peak,
+    check_focal_direction_weight,
+    check_focalpo_loss,
+    check_gradient_weight,
+    check_sequence_logps,
+    check_sign_flip_probability,
+)
 
 __all__ = [
     "check_balanced_cross_entropy",
     "check_bt_gradient",
     "check_bt_nll",
     "check_bt_probability",
+    "check_detached_weight_peak",
     "check_dpo_loss",
     "check_dpo_weight",
+    "check_focal_direction_weight",
     "check_focal_gradient",
     "check_focal_loss",
+    "check_focalpo_loss",
+    "check_gradient_weight",
     "check_implicit_reward",
     "check_optimal_policy",
+    "check_sequence_logps",
+    "check_sign_flip_probability",
 ]
