@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
 #   make book   builds the book into _build/html (executing every notebook, cached)
-#   make test   lint + unit tests + the book build (every notebook executed) + browser tests
+#   make test   lint + unit tests + the book build (every notebook executed) + browser tests (Chromium)
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 PYTHON ?= python3
@@ -13,10 +13,12 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
-export MPLBACKEND := Agg
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
+# An inherited MPLBACKEND (e.g. Agg) overrides the kernel's inline backend: chapter figures would vanish
+# from the book. The unit tests choose Agg themselves (tests/conftest.py).
+unexport MPLBACKEND
 
-.PHONY: book test lint unit clean
+.PHONY: book test lint unit assets browser clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,7 +28,12 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
-book: $(STAMP)
+# MathJax, RequireJS and the widget manager from the npm registry into _vendor/ (skipped when present),
+# so the built HTML loads nothing from a CDN.
+assets: $(STAMP)
+	$(BIN)/python scripts/vendor_assets.py
+
+book: assets
 	$(BIN)/jupyter-book build . -W -n --keep-going
 	@echo "Book built: $(CURDIR)/_build/html/index.html"
 
@@ -35,9 +42,13 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 unit: $(STAMP)
-	$(BIN)/python -m pytest tests -q
+	$(BIN)/python -m pytest tests -q --ignore=tests/browser
 
-test: lint unit book
+# Every page of the built book in headless Chromium, offline (needs /usr/bin/chromium; .ci/run installs it).
+browser: book
+	$(BIN)/python -m pytest tests/browser -q
+
+test: lint unit book browser
 
 clean:
-	rm -rf _build
+	rm -rf _build _vendor
