@@ -406,3 +406,20 @@ def test_config_validation(field, value, message):
 def test_too_few_pairs_for_a_batch(tokenizer):
     with pytest.raises(ValueError, match="fewer than batch_size=8"):
         run(tokenizer, make_preference_dataset(5, seed=0))
+
+
+def test_plot_helpers_draw_the_logged_series(tokenizer):
+    import matplotlib.pyplot as plt
+
+    from focalpo_mini.viz import plot_groups, plot_training
+
+    dataset = make_preference_dataset(16, seed=0)
+    runs = {"dpo": run(tokenizer, dataset, loss="dpo"), "focalpo": run(tokenizer, dataset)}
+    fig = plot_training(runs, ["loss", "groups/ref_correct/margin"], title="FocalPO vs DPO")
+    lines = fig.axes[0].get_lines()
+    assert [line.get_label() for line in lines] == ["dpo", "focalpo"]
+    assert list(lines[1].get_ydata()) == runs["focalpo"].series("loss")[1]
+    ax = plot_groups(runs["dpo"], "ranking_accuracy", split="train")
+    correct = runs["dpo"].series("groups/ref_correct/ranking_accuracy")[1]
+    assert list(ax.get_lines()[0].get_ydata()) == correct
+    plt.close("all")

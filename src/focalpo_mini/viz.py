@@ -461,3 +461,95 @@ def _plot_weight_split(
     ax.set_ylabel("mean weight per pair")
     share = (z < 0).double().mean().item()
     ax.set_title(f"Where it goes\n({share:.0%} misranked)")
+
+
+# --- Training curves of focalpo_mini.trainer.TrainResult ---------------------------------------
+
+METRIC_LABELS = {
+    "loss": "loss (nats per pair)",
+    "rewards/accuracies": "reward accuracy (fraction z > 0)",
+    "rewards/margins": "mean reward margin z",
+    "rewards/chosen": "mean chosen reward (β·log-ratio)",
+    "rewards/rejected": "mean rejected reward (β·log-ratio)",
+    "logps/chosen": "chosen log-prob (nats)",
+    "logps/rejected": "rejected log-prob (nats)",
+    "focal/weight_mean": "mean focal factor p^γ",
+    "reward_accuracy": "reward accuracy (fraction z > 0)",
+    "ranking_accuracy": "ranking accuracy (fraction πθ(y_w) ≥ πθ(y_l))",
+    "margin": "mean reward margin z",
+}
+"""Axis labels, with units, for the metric names that focalpo_mini.trainer logs."""
+
+
+def plot_training(
+    runs: dict,
+    metrics: Sequence[str] = ("loss", "rewards/accuracies"),
+    *,
+    split: str = "train",
+    title: str | None = None,
+) -> Figure:
+    """One panel per metric, one line per run, against the optimizer step.
+
+    Args:
+        runs: ``{label: TrainResult}``. A label naming a loss in ``LOSS_COLORS`` (``"dpo"``,
+            ``"focalpo"``, ...) gets that loss's colour; other labels follow the palette.
+        metrics: names from ``TrainResult.metric_names()``.
+        split: ``"train"`` or ``"eval"``.
+        title: the figure's title (state the finding).
+
+    Returns:
+        The figure.
+    """
+    if not runs:
+        raise ValueError("runs must hold at least one TrainResult")
+    fig, axes = new_figure(len(metrics), width=3.4 * len(metrics) + 0.6)
+    axes = axes if isinstance(axes, list) else [axes]
+    for ax, metric in zip(axes, metrics, strict=True):
+        for i, (label, result) in enumerate(runs.items()):
+            color = LOSS_COLORS.get(label, OKABE_ITO[i % len(OKABE_ITO)])
+            ax.plot(*result.series(metric, split=split), label=label, color=color)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+    axes[0].legend()
+    if title is not None:
+        fig.suptitle(title)
+    return fig
+
+
+def plot_groups(
+    result,
+    metric: str = "reward_accuracy",
+    *,
+    split: str = "eval",
+    title: str | None = None,
+    ax: Axes | None = None,
+) -> Axes:
+    """Chen et al.'s groups over training: pairs the reference ranks correctly vs incorrectly.
+
+    Args:
+        result: a ``TrainResult``.
+        metric: ``"reward_accuracy"``, ``"ranking_accuracy"`` or ``"margin"``.
+        split: ``"train"`` or ``"eval"``.
+        title: the axes' title (state the finding).
+        ax: axes to draw on; a new figure when None.
+
+    Returns:
+        The axes.
+    """
+    if metric not in ("reward_accuracy", "ranking_accuracy", "margin"):
+        raise ValueError(
+            f"metric must be 'reward_accuracy', 'ranking_accuracy' or 'margin', got {metric!r}"
+        )
+    if ax is None:
+        _, ax = new_figure()
+    for group, color, label in (
+        ("ref_correct", BLUISH_GREEN, "reference ranks correctly"),
+        ("ref_incorrect", VERMILLION, "reference misranks"),
+    ):
+        ax.plot(*result.series(f"groups/{group}/{metric}", split=split), color=color, label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(METRIC_LABELS[metric])
+    ax.legend()
+    if title is not None:
+        ax.set_title(title)
+    return ax
