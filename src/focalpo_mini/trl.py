@@ -58,7 +58,9 @@ class FocalPOConfig(DPOConfig):
         if not math.isfinite(self.gamma) or self.gamma < 0:
             raise ValueError(f"gamma must be a finite number >= 0, got {self.gamma}")
         if not isinstance(self.detach_weight, bool):
-            raise TypeError(f"detach_weight must be a bool, got {type(self.detach_weight).__name__}")
+            raise TypeError(
+                f"detach_weight must be a bool, got {type(self.detach_weight).__name__}"
+            )
         super().__post_init__()  # turns a string loss_type into a list
         for name, default in _DPO_LOSS_DEFAULTS.items():
             if getattr(self, name) != default:
@@ -82,10 +84,10 @@ class FocalPOTrainer(DPOTrainer):
     - the collated batch: ``input_ids``, ``attention_mask`` and ``completion_mask``, chosen rows
       stacked over rejected rows, plus ``ref_chosen_logps`` / ``ref_rejected_logps`` when
       ``precompute_ref_log_probs=True``;
-    - the fused LM head that ``DPOTrainer.__init__`` installs (``trl.trainer.utils.add_fused_lm_head``
-      with outputs log_probs, entropy, mean_logits, is_top1): ``model(..., labels=labels,
-      fused_lm_head=True)``, prompt and padding labels set to -100, returns per-token
-      ``log_probs`` (B, T-1) that are 0 outside the completion;
+    - the fused LM head that ``DPOTrainer.__init__`` installs
+      (``trl.trainer.utils.add_fused_lm_head``, with outputs log_probs, entropy, mean_logits and
+      is_top1): ``model(..., labels=labels, fused_lm_head=True)``, with prompt and padding labels
+      set to -100, returns per-token ``log_probs`` (B, T-1) that are 0 outside the completion;
     - ``self.compute_ref_log_probs(model, inputs)`` for the reference (no_grad, adapter switched
       off under PEFT with ``ref_model=None``);
     - the attributes ``beta``, ``ref_model``, ``precompute_ref_logps``, ``aux_loss_enabled``,
@@ -144,7 +146,7 @@ class FocalPOTrainer(DPOTrainer):
         for name, value in preference_metrics(*gathered, beta=self.beta, gamma=args.gamma).items():
             self._metrics[mode][name].append(value)
 
-        if return_outputs:  # for compute_metrics: the fused head builds no logits, so recompute them
+        if return_outputs:  # for compute_metrics: the fused head builds no logits; recompute them
             with torch.no_grad():
                 outputs = model(**model_kwargs)
             return loss, outputs
@@ -152,7 +154,8 @@ class FocalPOTrainer(DPOTrainer):
 
     def _log_token_metrics(self, mode: str, inputs: dict, outputs, seq_len: int) -> None:
         """TRL 1.16's token-level metrics, computed as ``DPOTrainer._compute_loss`` does:
-        ``entropy``, ``num_tokens``, ``logits/chosen``, ``logits/rejected``, ``mean_token_accuracy``.
+        ``entropy``, ``num_tokens``, ``logits/chosen``, ``logits/rejected`` and
+        ``mean_token_accuracy``.
         """
         gather = self.accelerator.gather_for_metrics
         mask = inputs["completion_mask"][..., 1:]
