@@ -1,17 +1,18 @@
 """Time focalpo_loss against dpo_loss, forward and forward+backward, and print a table.
 
-Run: ``.venv/bin/python benchmarks/losses.py [threads]``. Times are in milliseconds, float32, on the
-CPU, with one thread unless told more (on a shared machine a busy neighbour stalls a thread pool).
-torch.utils.benchmark warms up and repeats each call; the losses take turns for several rounds and
-the table shows the median over rounds, so a busy machine slows them alike. The target is FocalPO
-within 1.5x of DPO: its extra work is an exp and two multiplications a pair. "input checks" is the
-part of every call spent validating the four tensors (mostly the NaN/inf check).
+Run: ``.venv/bin/python benchmarks/losses.py [threads]``. Times are milliseconds of the process's
+CPU time (not wall time, so waiting for a busy machine's cores is not counted), float32, one thread
+unless told more. torch.utils.benchmark warms up and repeats each call; the losses take turns for
+several rounds and the table shows the median over rounds. The target is FocalPO within 1.5x of
+DPO: its extra work is an exp and two multiplications a pair. "input checks" is the part of every
+call spent validating the four tensors (mostly the NaN/inf check).
 """
 
 from __future__ import annotations
 
 import statistics
 import sys
+import time
 
 import torch
 from torch.utils import benchmark
@@ -49,6 +50,7 @@ def median_ms(stmt, logps, loss_fn=None):
             "checks": input_checks,
         },
         num_threads=torch.get_num_threads(),
+        timer=time.process_time,
     )
     return timer.blocked_autorange(min_run_time=0.1).median * 1e3
 
@@ -74,7 +76,9 @@ def time_size(n):
 def main():
     torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, CPU")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), float32, CPU time in ms"
+    )
     header = f"{'pairs':>8} {'loss':>17} {'forward':>9} {'ratio':>6} {'fwd+bwd':>9} {'ratio':>6}"
     print(header)
     print("-" * len(header))

@@ -98,7 +98,7 @@ def trl_step0(tokenizer, tmp_path_factory):
     config = DPOConfig(
         output_dir=str(tmp_path_factory.mktemp("dpo")),
         bf16=False,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,  # transformers 5 name of gradient_checkpointing
         report_to=[],
         max_steps=1,
         logging_steps=1,

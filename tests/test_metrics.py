@@ -109,7 +109,7 @@ def test_equals_trl_logged_step0_metrics(tokenizer, tmp_path):
         output_dir=str(tmp_path),
         beta=beta,
         bf16=False,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,  # transformers 5 name of gradient_checkpointing
         report_to=[],
         max_steps=1,
         logging_steps=1,
