@@ -1,0 +1,261 @@
+"""Checkers for chapter 4, why DPO rarely fixes misranked pairs (Chen et al., 2024).
+
+Each ``check_<name>(fn)`` calls the reader's ``fn`` on float64 log-probs built so that the common
+wrong answers give different results, compares it with :mod:`focalpo_mini.ranking`, and on a
+mismatch names the wrong answer the output matches; it never reads source code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from focalpo_mini.exercises._check import failed, passed
+from focalpo_mini.ranking import idealized_ranked_correctly, ranking_threshold
+
+_Mistake = tuple[Callable[..., Any], str]
+
+_OVERFLOW_HINT = (
+    "your output is not finite where the answer is: sigmoid underflowed to 0 before the log. "
+    "Use F.logsigmoid(x) instead of torch.log(torch.sigmoid(x))."
+)
+
+
+def _t(*values: float) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64)
+
+
+# Pairs chosen so that every wrong answer below differs from the right one: the policy prefers
+# y_l in pairs 1 and 3 although its implicit reward prefers y_w; pair 2 is a tie under the policy
+# and pair 4 a tie of the rewards.
+_POLICY_CHOSEN = _t(-4.0, -9.0, -6.0, -3.0, -12.0, -5.0)
+_POLICY_REJECTED = _t(-6.0, -7.0, -6.0, -2.0, -10.0, -8.0)
+_REF_CHOSEN = _t(-5.0, -12.0, -7.0, -8.0, -12.0, -4.0)
+_REF_REJECTED = _t(-5.0, -6.0, -4.0, -5.0, -10.0, -4.0)
+_ACC_ARGS = (_POLICY_CHOSEN, _POLICY_REJECTED, _REF_CHOSEN, _REF_REJECTED, 0.1)
+_ACC_LABEL = "six pairs with policy and reward ties"
+
+
+def _show(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        values = x.flatten().tolist()
+        return str([v if isinstance(v, bool) else round(v, 6) for v in values])
+    if isinstance(x, tuple):
+        return "(" + ", ".join(_show(v) for v in x) + ")"
+    return f"{x:.6g}" if isinstance(x, float) else repr(x)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, tuple):
+        return isinstance(b, tuple) and len(a) == len(b) and all(map(_same, a, b))
+    if isinstance(a, torch.Tensor):
+        return (
+            isinstance(b, torch.Tensor)
+            and a.shape == b.shape
+            and bool(torch.allclose(a.double(), b.double(), rtol=1e-6, atol=1e-9))
+        )
+    return abs(float(a) - float(b)) <= 1e-6  # float32 means of a few pairs are that close
+
+
+def _run(
+    name: str,
+    fn: Callable[..., Any],
+    cases: Sequence[tuple[str, tuple[Any, ...]]],
+    reference: Callable[..., Any],
+    convert: Callable[[Any], Any],
+    mistakes: Sequence[_Mistake],
+    generic_hint: str,
+) -> None:
+    """Compare ``fn`` with ``reference`` on every case; report the first failure with a hint."""
+    for label, args in cases:
+        expected = reference(*args)
+        try:
+            got = convert(fn(*args))
+        except Exception as error:  # the reader's bug, reported with the input that triggered it
+            failed(name, label, _show(expected), f"{type(error).__name__}: {error}", generic_hint)
+        if _same(expected, got):
+            continue
+        hint = next((h for wrong, h in mistakes if _same(wrong(*args), got)), None)
+        if hint is None:
+            overflow = isinstance(got, torch.Tensor) and not bool(torch.isfinite(got).all())
+            hint = _OVERFLOW_HINT if overflow else generic_hint
+        failed(name, label, _show(expected), _show(got), hint)
+    passed(name)
+
+
+# --- Exercise 1: ranking accuracy against reward accuracy --------------------------------------
+
+
+def _rate(mask: torch.Tensor) -> float:
+    return int(mask.sum()) / mask.numel()
+
+
+def _accuracies(pc, pr, rc, rr, beta) -> tuple[float, float]:
+    rewards_w, rewards_l = beta * (pc - rc), beta * (pr - rr)
+    return _rate(pc >= pr), _rate(rewards_w > rewards_l)
+
+
+def _as_pair_of_floats(raw: Any) -> tuple[float, float]:
+    if not isinstance(raw, (tuple, list)) or len(raw) != 2:
+        raise TypeError(f"return a tuple (ranking_accuracy, reward_accuracy), got {raw!r}")
+    return tuple(float(torch.as_tensor(v)) for v in raw)
+
+
+def check_accuracies(fn: Callable[..., tuple[float, float]]) -> None:
+    """Check ``fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)``.
+
+    It must return ``(ranking_accuracy, reward_accuracy)``: the fraction of pairs with
+    pi(y_w) >= pi(y_l) (ties count as correct, as in Chen et al.), and TRL's
+    ``rewards/accuracies``, the fraction with beta log-ratio of y_w > that of y_l (ties wrong).
+    """
+
+    def strict_ranking(pc, pr, rc, rr, beta):
+        return _rate(pc > pr), _accuracies(pc, pr, rc, rr, beta)[1]
+
+    def lenient_reward(pc, pr, rc, rr, beta):
+        return _rate(pc >= pr), _rate(beta * (pc - rc) >= beta * (pr - rr))
+
+    mistakes = [
+        (
+            lambda *a: _accuracies(*a)[::-1],
+            "the two numbers are swapped: return (ranking_accuracy, reward_accuracy).",
+        ),
+        (
+            lambda *a: (_accuracies(*a)[1],) * 2,
+            "your ranking accuracy compares the implicit rewards beta (log pi - log pi_ref); "
+            "ranking accuracy compares the policy's own log-probs, log pi(y_w) >= log pi(y_l).",
+        ),
+        (
+            lambda *a: (_accuracies(*a)[0],) * 2,
+            "your reward accuracy compares the policy's log-probs; TRL's rewards/accuracies "
+            "compares beta (log pi - log pi_ref) of y_w and y_l.",
+        ),
+        (
+            lambda pc, pr, rc, rr, beta: (_rate(pc >= pr), _rate(pc > pr)),
+            "your reward accuracy forgets the reference term: the implicit reward is "
+            "beta (log pi(y|x) - log pi_ref(y|x)), not beta log pi(y|x).",
+        ),
+        (
+            strict_ranking,
+            "ties: Chen et al. count pi(y_w) = pi(y_l) as ranked correctly; use >=, not >.",
+        ),
+        (
+            lambda *a: (strict_ranking(*a)[0], lenient_reward(*a)[1]),
+            "ties are the wrong way round in both: ranking uses >=, rewards/accuracies uses >.",
+        ),
+        (
+            lenient_reward,
+            "ties: TRL's rewards/accuracies counts equal rewards as wrong; use >, not >=.",
+        ),
+    ]
+    cases = [(_ACC_LABEL + ", beta=0.1", _ACC_ARGS)]
+    hint = "ranking: mean of logp_w >= logp_l; reward: mean of beta*(logp_w - ref_w) > beta*(...)."
+    _run("accuracies", fn, cases, _accuracies, _as_pair_of_floats, mistakes, hint)
+
+
+# --- Exercise 2: the loss threshold of Chen et al.'s theorem -----------------------------------
+
+
+def _as_float_tensor(raw: Any) -> torch.Tensor:
+    return torch.as_tensor(raw).detach().to(torch.float64)
+
+
+def _threshold(rc, rr, beta) -> torch.Tensor:
+    return ranking_threshold(rc, rr, beta=beta)
+
+
+def check_ranking_threshold(fn: Callable[..., torch.Tensor]) -> None:
+    """Check ``fn(ref_chosen_logps, ref_rejected_logps, beta)``: -log sigmoid(beta c) per pair,
+    with c = log pi_ref(y_l) - log pi_ref(y_w), shape ``(B,)``."""
+    mistakes = [
+        (
+            lambda rc, rr, beta: -F.logsigmoid(beta * (rc - rr)),
+            "c has the wrong direction: c = log pi_ref(y_l) - log pi_ref(y_w), so pairs the "
+            "reference misranks (c > 0) get a threshold below log 2.",
+        ),
+        (
+            lambda rc, rr, beta: -F.logsigmoid(rr - rc),
+            "beta is missing: the DPO loss is -log sigmoid(beta h), so the threshold is "
+            "-log sigmoid(beta c).",
+        ),
+        (
+            lambda rc, rr, beta: F.logsigmoid(beta * (rr - rc)),
+            "wrong sign: a loss threshold is positive, -log sigmoid(beta c).",
+        ),
+        (
+            lambda rc, rr, beta: torch.sigmoid(-beta * (rr - rc)),
+            "that is sigmoid(-beta c), DPO's gradient weight, not the loss -log sigmoid(beta c).",
+        ),
+    ]
+    cases = [
+        ("ref logps w=[-5,-12,-7,-8,-12,-4], l=[-5,-6,-4,-5,-10,-4], beta=0.1", _ACC_ARGS[2:]),
+        ("the same pairs, beta=1", (_REF_CHOSEN, _REF_REJECTED, 1.0)),
+        ("far-apart pairs, beta=1", (_t(-10.0, -2000.0), _t(-2000.0, -10.0), 1.0)),
+    ]
+    hint = "threshold = -log sigmoid(beta * (ref_rejected - ref_chosen)); use F.logsigmoid."
+    _run("ranking_threshold", fn, cases, _threshold, _as_float_tensor, mistakes, hint)
+
+
+# --- Exercise 3: the idealized ranking ----------------------------------------------------------
+
+
+def _as_bool_tensor(raw: Any) -> torch.Tensor:
+    got = torch.as_tensor(raw)
+    if got.dtype != torch.bool:
+        raise TypeError(f"return a bool tensor (one entry per pair), got dtype {got.dtype}")
+    return got
+
+
+def _idealized(rc, rr, alpha, beta) -> torch.Tensor:
+    return idealized_ranked_correctly(rc, rr, alpha, beta=beta)
+
+
+def check_idealized_ranking(fn: Callable[..., torch.Tensor]) -> None:
+    """Check ``fn(ref_chosen_logps, ref_rejected_logps, alpha, beta)``: per pair, whether the
+    ideal policy ranks y_w first, pi_ref(y_w)/pi_ref(y_l) * (alpha/(1-alpha))**(1/beta) > 1."""
+
+    def log_odds(alpha):
+        return torch.log(alpha) - torch.log1p(-alpha)
+
+    mistakes = [
+        (
+            lambda rc, rr, a, beta: log_odds(a) > 0,
+            "the reference term is missing: the ideal policy is pi_ref times "
+            "exp(r / beta), so pi_ref(y_w)/pi_ref(y_l) stays in the condition.",
+        ),
+        (
+            lambda rc, rr, a, beta: rc - rr > 0,
+            "alpha is missing: that is the reference's own ranking, not the ideal policy's.",
+        ),
+        (
+            lambda rc, rr, a, beta: rc - rr + log_odds(a) > 0,
+            "the exponent 1/beta is missing: the reward gap log(alpha/(1-alpha)) is divided by "
+            "beta in the ideal policy pi_ref exp(r / beta).",
+        ),
+        (
+            lambda rc, rr, a, beta: rc - rr + beta * log_odds(a) > 0,
+            "the reward gap is divided by beta, not multiplied: pi* = pi_ref exp(r / beta).",
+        ),
+        (
+            lambda rc, rr, a, beta: rr - rc + log_odds(a) / beta > 0,
+            "the reference ratio is upside down: it is pi_ref(y_w) / pi_ref(y_l).",
+        ),
+        (
+            lambda rc, rr, a, beta: rc - rr - log_odds(a) / beta > 0,
+            "alpha/(1-alpha) is upside down: alpha is the probability that y_w is preferred.",
+        ),
+    ]
+    # log pi_ref(y_w) - log pi_ref(y_l) = [0, -6, -2, -1, -2, 0.5, 4]: each wrong answer below
+    # gets at least one of these seven pairs wrong, and no two wrong answers agree on all.
+    ref_chosen = _t(-5.0, -12.0, -6.0, -6.0, -7.0, -4.5, -2.0)
+    ref_rejected = _t(-5.0, -6.0, -4.0, -5.0, -5.0, -5.0, -6.0)
+    alpha = _t(0.8, 0.8, 0.2, 0.8, 0.8, 0.3, 0.8)
+    label = (
+        f"ref logps w={_show(ref_chosen)}, l={_show(ref_rejected)}, alpha={_show(alpha)}, beta=0.5"
+    )
+    cases = [(label, (ref_chosen, ref_rejected, alpha, 0.5))]
+    hint = "correct iff log pi_ref(y_w) - log pi_ref(y_l) + log(alpha / (1 - alpha)) / beta > 0."
+    _run("idealized_ranking", fn, cases, _idealized, _as_bool_tensor, mistakes, hint)
