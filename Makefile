@@ -7,6 +7,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Where torch comes from: empty means pip's configured index. The Pages workflow sets the CPU-only
+# index (https://download.pytorch.org/whl/cpu) so a runner does not pull the CUDA build.
+TORCH_INDEX ?=
 
 # Nothing in the build or the tests may reach a model hub.
 export HF_HUB_OFFLINE := 1
@@ -23,7 +26,7 @@ unexport MPLBACKEND
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first and exactly pinned: an unpinned or newer torch pulls a multi-GB CUDA build.
-	$(BIN)/python -m pip install --quiet "torch==2.13.0"
+	$(BIN)/python -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "torch==2.13.0"
 	$(BIN)/python -m pip install --quiet -r requirements.txt
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
