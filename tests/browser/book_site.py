@@ -38,7 +38,6 @@ COLLECT_JS = """
   };
   return {
     title: document.title,
-    h1: Array.from(article.querySelectorAll("h1")).map((h) => h.textContent.trim()),
     mathSources: document.querySelectorAll("span.math, div.math").length,
     mathRendered: document.querySelectorAll("mjx-container").length,
     mathErrors: Array.from(document.querySelectorAll("mjx-merror"))
