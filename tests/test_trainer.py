@@ -301,7 +301,8 @@ def test_interrupted_run_resumes_bit_identically(tokenizer, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train(small_model(tokenizer), tokenizer, dataset, config=interrupted)
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    assert checkpoint["step"] == 5
+    assert checkpoint["progress"]["step"] == 5
+    assert checkpoint["data_position"] == {"epoch": 3, "batch": 1}  # 10 micro-batches of 3 a epoch
     assert not list(tmp_path.glob("*.tmp"))
 
     resumed_model = small_model(tokenizer, seed=1)  # its weights are replaced by the checkpoint's

@@ -20,6 +20,7 @@ A pair whose prompt alone fills ``max_length`` has no completion token left and 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -392,76 +393,57 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
-    state = _load_checkpoint(resume_from, config, splits) if resume_from is not None else None
-    if state is None:
+    if resume_from is None:
         for split in splits.values():  # the reference: computed once, then only numbers are kept
             split.ref_chosen, split.ref_rejected = _all_logps(
                 model if ref_model is None else ref_model, split.pairs, config.batch_size, pad_id
             )
         del ref_model
         torch.manual_seed(config.seed)
-        step, num_tokens, pending, rng = 0, 0, [], _rng_state()
-        history, eval_history, eval_pairs = [], [], []
+        run = _Progress(rng=_rng_state())
     else:
+        state = _load_checkpoint(resume_from, config, splits)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
-        step, num_tokens, pending, rng = (
-            state["step"],
-            state["num_tokens"],
-            state["pending"],
-            state["rng"],
-        )
-        history, eval_history, eval_pairs = (
-            state["history"],
-            state["eval_history"],
-            state["eval_pairs"],
-        )
+        run = _Progress(**state["progress"])
+        _set_rng_state(run.rng)
 
     def evaluate() -> None:
         metrics, pairs = _evaluate(model, splits["eval"], config, pad_id)
-        eval_history.append({"step": step, **metrics})
+        run.eval_history.append({"step": run.step, **metrics})
         if config.record_eval_pairs:
-            eval_pairs.append({"step": step, **pairs})
+            run.eval_pairs.append({"step": run.step, **pairs})
 
     def save() -> None:
-        payload = {
+        state = {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "rng": rng,
-            "step": step,
-            "data_position": divmod(step * config.grad_accum_steps, batches_per_epoch),
-            "num_tokens": num_tokens,
-            "pending": pending,
-            "history": history,
-            "eval_history": eval_history,
-            "eval_pairs": eval_pairs,
+            "progress": vars(run),
+            # informative only: the data position follows from the step (see _batch_indices)
+            "data_position": {
+                "epoch": run.step * config.grad_accum_steps // per_epoch,
+                "batch": run.step * config.grad_accum_steps % per_epoch,
+            },
             "config": _config_record(config),
             "splits": {k: (s.fingerprint, s.ref_chosen, s.ref_rejected) for k, s in splits.items()},
         }
-        _atomic_save(payload, os.path.join(config.checkpoint_dir, CHECKPOINT_NAME))
+        _atomic_save(state, os.path.join(config.checkpoint_dir, CHECKPOINT_NAME))
 
-    batches_per_epoch = (
-        len(train_split.pairs) // config.batch_size
-    )  # the last partial batch is dropped
-    orders: dict[int, list[int]] = {}
-    bar = tqdm(total=config.max_steps, initial=step, disable=not config.progress, desc="train")
+    per_epoch = len(train_split.pairs) // config.batch_size
+    bar = tqdm(total=config.max_steps, initial=run.step, disable=not config.progress, desc="train")
     model.train()
     start = time.perf_counter()
     try:
-        if "eval" in splits and step == 0:
+        if "eval" in splits and run.step == 0:
             evaluate()
-        while step < config.max_steps:
-            step_records = []
+        while run.step < config.max_steps:
+            records = []
             for micro in range(config.grad_accum_steps):
-                epoch, position = divmod(step * config.grad_accum_steps + micro, batches_per_epoch)
-                if epoch not in orders:  # data order: a generator seeded by (seed, epoch)
-                    orders = {epoch: _epoch_order(len(train_split.pairs), config.seed, epoch)}
-                idx = orders[epoch][
-                    position * config.batch_size : (position + 1) * config.batch_size
-                ]
+                idx = _batch_indices(
+                    run.step * config.grad_accum_steps + micro, train_split, config
+                )
                 batch = _to(collate([train_split.pairs[i] for i in idx], pad_id), device)
                 ref = (
                     train_split.ref_chosen[idx].to(device),
@@ -469,41 +451,62 @@ def train(
                 )
                 loss, chosen, rejected = preference_loss(model, batch, *ref, config=config)
                 (loss / config.grad_accum_steps).backward()
-                step_records.append((loss.detach(), chosen.detach(), rejected.detach(), *ref))
-                num_tokens += int(batch["attention_mask"].sum())
-            grad_norm = (
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-                if config.max_grad_norm is not None
-                else None
-            )
+                records.append((loss.detach(), chosen.detach(), rejected.detach(), *ref))
+                run.num_tokens += int(batch["attention_mask"].sum())
+            grad_norm = math.nan
+            if config.max_grad_norm is not None:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm).item()
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            step, rng = step + 1, _rng_state()
-            pending.extend(step_records)
-            if step % config.log_every == 0 or step == config.max_steps:
-                entry = _summarise(pending, config)
-                entry.update(learning_rate=scheduler.get_last_lr()[0], num_tokens=num_tokens)
-                entry["grad_norm"] = math.nan if grad_norm is None else grad_norm.item()
-                history.append({"step": step, **entry})
+            # From here the step is complete: a checkpoint written now resumes after it.
+            run.step, run.rng = run.step + 1, _rng_state()
+            run.pending.extend(records)
+            if run.step % config.log_every == 0 or run.step == config.max_steps:
+                entry = _summarise(run.pending, config)
+                lr = scheduler.get_last_lr()[0]
+                entry.update(learning_rate=lr, grad_norm=grad_norm, num_tokens=run.num_tokens)
+                run.history.append({"step": run.step, **entry})
                 bar.set_postfix(loss=f"{entry['loss']:.4f}")
-                pending = []
+                run.pending = []
             if "eval" in splits and (
-                step == config.max_steps or (config.eval_every and step % config.eval_every == 0)
+                run.step == config.max_steps
+                or (config.eval_every and run.step % config.eval_every == 0)
             ):
                 evaluate()
-            if config.checkpoint_every and step % config.checkpoint_every == 0:
+            if config.checkpoint_every and run.step % config.checkpoint_every == 0:
                 save()
             bar.update(1)
     except KeyboardInterrupt:
         if config.checkpoint_dir is not None:
-            save()  # the state after the last completed step; partial accumulation is discarded
+            save()  # the state after the last completed step; a partial accumulation is lost
         raise
     finally:
         bar.close()
     stats = {k: s.stats for k, s in splits.items()}
-    elapsed = time.perf_counter() - start
-    return TrainResult(history, eval_history, eval_pairs, config, stats, elapsed)
+    seconds = time.perf_counter() - start
+    return TrainResult(run.history, run.eval_history, run.eval_pairs, config, stats, seconds)
+
+
+@dataclass
+class _Progress:
+    """Everything about a run that changes from step to step, besides model and optimizer."""
+
+    step: int = 0
+    num_tokens: int = 0
+    rng: dict = field(default_factory=dict)  # the RNG states at the end of the last step
+    pending: list = field(default_factory=list)  # per-pair records since the last log
+    history: list = field(default_factory=list)
+    eval_history: list = field(default_factory=list)
+    eval_pairs: list = field(default_factory=list)
+
+
+def _batch_indices(micro_step: int, split: _Split, config: TrainConfig) -> list[int]:
+    """The pairs of one micro-batch: epoch e visits the pairs in an order drawn from a generator
+    seeded by (seed, e); the last partial batch of an epoch is dropped."""
+    epoch, position = divmod(micro_step, len(split.pairs) // config.batch_size)
+    order = _epoch_order(len(split.pairs), config.seed, epoch)
+    return order[position * config.batch_size : (position + 1) * config.batch_size]
 
 
 def _summarise(records: list[tuple[torch.Tensor, ...]], config: TrainConfig) -> dict[str, float]:
@@ -625,6 +628,7 @@ def _to(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
 
 
+@functools.lru_cache(maxsize=2)
 def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=generator).tolist()
