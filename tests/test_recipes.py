@@ -42,6 +42,8 @@ def test_resolved_settings():
     smoke = RunSettings(smoke=True, gamma=0.3).resolved()
     assert smoke.gamma == 0.3
     assert all(getattr(smoke, k) == v for k, v in SMOKE_OVERRIDES.items())
+    edited = dataclasses.replace(smoke, max_steps=2)
+    assert edited.resolved().max_steps == 2  # resolving again keeps the edit
     with pytest.raises(ValueError, match="recipe"):
         RunSettings(recipe="dora")
     with pytest.raises(ValueError, match="beta"):

@@ -10,7 +10,7 @@ and ``peft`` (``pip install "focalpo_mini[trl]"``).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,8 +28,8 @@ SMOKE_OVERRIDES = {
     "max_length": 64,
     "per_device_train_batch_size": 4,
     "gradient_accumulation_steps": 1,
-    "max_steps": 6,
-    "num_pairs": 48,
+    "max_steps": 4,
+    "num_pairs": 32,
     # The tiny model starts from random weights; at 7B-scale learning rates it would not move.
     "learning_rate": 1e-3,
     "max_new_tokens": 12,
@@ -65,6 +65,7 @@ class RunSettings:
     max_new_tokens: int = 128
     output_dir: str = "focalpo-run"
     seed: int = 42
+    is_resolved: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:
@@ -79,12 +80,18 @@ class RunSettings:
             raise ValueError(f"max_length must be positive, got {self.max_length}")
 
     def resolved(self) -> RunSettings:
-        """These settings with smoke mode's overrides and the recipe's learning rate filled in."""
+        """These settings with smoke mode's overrides and the recipe's learning rate filled in.
+
+        Resolving twice changes nothing, so a resolved copy can be edited (``dataclasses.replace``)
+        and passed on.
+        """
+        if self.is_resolved:
+            return self
         settings = dataclasses.replace(self, **SMOKE_OVERRIDES) if self.smoke else self
         if settings.learning_rate is None:
             rate = 5e-7 if settings.recipe == "full" else 5e-6
             settings = dataclasses.replace(settings, learning_rate=rate)
-        return settings
+        return dataclasses.replace(settings, is_resolved=True)
 
 
 def _compute_dtype() -> torch.dtype:
@@ -163,7 +170,7 @@ def load_preference_data(settings: RunSettings, split: str = "train") -> Dataset
     state = PartialState()
     with state.main_process_first():
         if state.is_main_process:
-            smoke_preference_data(settings.num_pairs or 48, seed=seed).save_to_disk(str(path))
+            smoke_preference_data(settings.num_pairs or 32, seed=seed).save_to_disk(str(path))
         return load_from_disk(str(path))
 
 
