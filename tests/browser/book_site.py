@@ -54,6 +54,7 @@ COLLECT_JS = """
     links: Array.from(document.querySelectorAll("a[href]")).map((a) => ({
       href: a.getAttribute("href"),
       url: a.href,
+      inArticle: article.contains(a),
     })),
   };
 }

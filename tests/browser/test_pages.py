@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from functools import cache
 from pathlib import Path
@@ -139,3 +140,30 @@ def test_colab_button_opens_this_notebook(visits, docname):
         )
         assert match["path"] == f"{docname}.ipynb", f"{docname}: Colab link opens {match['path']}"
         assert (ROOT / match["path"]).is_file(), f"{docname}: no {match['path']} in the repository"
+
+
+def _link_lister():
+    spec = importlib.util.spec_from_file_location(
+        "list_external_links",
+        Path(__file__).resolve().parents[2] / "scripts" / "list_external_links.py",
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_link_lister_finds_what_the_browser_sees(visits, docnames):
+    """scripts/list_external_links.py (an HTML parser) agrees with the links the browser found."""
+    listed = {
+        (page, target)
+        for page, target, _, in_article in _link_lister().external_links(HTML, docnames)
+        if in_article
+    }
+    seen = {
+        (docname, link["href"])
+        for docname in docnames
+        for link in _visit(visits, docname).data["links"]
+        if link["inArticle"] and urlsplit(link["href"]).scheme in ("http", "https")
+    }
+    assert seen, "no external link in the whole book: the comparison would be vacuous"
+    assert listed == seen, f"only listed: {listed - seen}; only seen: {seen - listed}"
