@@ -44,3 +44,24 @@ def test_two_processes_train_the_full_recipe(tmp_path):
     assert records[0]["last_loss"] == records[1]["last_loss"]
     assert (tmp_path / "model.safetensors").is_file()
     assert "2 process(es)" in result.stdout
+
+
+def test_accelerate_configs_parse_and_target_eight_bf16_gpus():
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.utils import DistributedType
+
+    expected = {
+        "deepspeed_zero3_8gpu.yaml": DistributedType.DEEPSPEED,
+        "fsdp_8gpu.yaml": DistributedType.FSDP,
+        "ddp_8gpu.yaml": DistributedType.MULTI_GPU,
+    }
+    configs = sorted(p.name for p in (ROOT / "configs" / "accelerate").glob("*.yaml"))
+    assert configs == sorted(expected)
+    for name, kind in expected.items():
+        config = ClusterConfig.from_yaml_file(str(ROOT / "configs" / "accelerate" / name))
+        assert config.distributed_type == kind
+        assert (config.num_processes, config.mixed_precision, config.use_cpu) == (8, "bf16", False)
+    zero3 = ClusterConfig.from_yaml_file(str(ROOT / "configs/accelerate/deepspeed_zero3_8gpu.yaml"))
+    assert zero3.deepspeed_config["zero_stage"] == 3
+    fsdp = ClusterConfig.from_yaml_file(str(ROOT / "configs/accelerate/fsdp_8gpu.yaml"))
+    assert fsdp.fsdp_config["fsdp_reshard_after_forward"] is True  # full sharding
