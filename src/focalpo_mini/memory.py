@@ -45,7 +45,7 @@ class MemoryPlan:
     Attributes:
         recipe: ``"qlora"``, ``"lora"`` or ``"full"``.
         num_gpus: GPUs the model states are sharded over (ZeRO-3/FSDP; 1 for the LoRA recipes).
-        weights: the model's weights as stored during training (4-bit, bf16, or bf16 + fp32 master).
+        weights: the model's weights as stored during training (4-bit, bf16 or fp32).
         reference: a separate reference model (0 when the adapter-off base or precomputed
             log-probs serve as the reference).
         gradients: gradients of the trainable parameters.
@@ -206,12 +206,13 @@ def memory_plan(
       (PEFT upcasts them by default), fp32 gradients, AdamW. The reference is the base with the
       adapter switched off: no second model.
     - ``"lora"``: the same with the base in bf16.
-    - ``"full"``: mixed precision as counted by ZeRO (Rajbhandari et al. 2020): bf16 weights and
-      gradients, fp32 master weights and two fp32 AdamW moments, 16 bytes per parameter, sharded
-      over ``num_gpus`` (ZeRO-3 / FSDP full sharding). The reference model costs another 2 bytes
-      per parameter (also sharded) unless its log-probs are precomputed before training, which
-      is this book's default for the full recipe (``precompute_ref_log_probs=None`` means: True
-      for ``"full"``; the LoRA recipes never need a separate reference).
+    - ``"full"``: fp32 weights and gradients with bf16 autocast, two fp32 AdamW moments: 16
+      bytes per parameter, the same total as ZeRO's mixed-precision count (Rajbhandari et al.
+      2020), sharded over ``num_gpus`` (ZeRO-3 / FSDP full sharding). A live reference model
+      (same dtype as the policy) costs another 4 bytes per parameter, also sharded, unless its
+      log-probs are precomputed before training, which is this book's default for the full
+      recipe (``precompute_ref_log_probs=None`` means: True for ``"full"``; the LoRA recipes
+      never need a separate reference).
 
     Activations come from :func:`activation_bytes` and are not sharded. Not counted: the CUDA
     context, allocator fragmentation, temporary buffers (a dequantised weight, communication
@@ -246,9 +247,9 @@ def memory_plan(
         return MemoryPlan(
             recipe=recipe,
             num_gpus=num_gpus,
-            weights=shard * (_BF16 + _FP32) / _GB,
-            reference=0.0 if precompute else shard * _BF16 / _GB,
-            gradients=shard * _BF16 / _GB,
+            weights=shard * _FP32 / _GB,
+            reference=0.0 if precompute else shard * _FP32 / _GB,
+            gradients=shard * _FP32 / _GB,
             optimizer=shard * _ADAM_BYTES / _GB,
             activations=activations / _GB,
             trainable_params=total_params,

@@ -106,7 +106,7 @@ def load_model_and_tokenizer(settings: RunSettings):
 
     Smoke mode: the tiny world's Llama and tokenizer, built locally (no quantisation, since
     bitsandbytes needs a GPU). Otherwise ``settings.model_id`` from the hub, in 4-bit NF4 with
-    double quantisation for ``"qlora"`` and in the compute dtype for ``"lora"`` and ``"full"``.
+    double quantisation for ``"qlora"``, the compute dtype for ``"lora"``, fp32 for ``"full"``.
     LoRA recipes place the model on this process's GPU; the full recipe leaves placement to
     accelerate (DeepSpeed ZeRO-3 or FSDP).
     """
@@ -116,7 +116,8 @@ def load_model_and_tokenizer(settings: RunSettings):
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     dtype = _compute_dtype()
-    kwargs: dict = {"dtype": dtype}
+    # Full fine-tuning keeps fp32 weights (the optimiser updates them) and computes in autocast.
+    kwargs: dict = {"dtype": torch.float32 if settings.recipe == "full" else dtype}
     if settings.recipe != "full":
         kwargs["device_map"] = {"": PartialState().local_process_index}
     if settings.recipe == "qlora":
