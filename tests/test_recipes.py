@@ -2,7 +2,10 @@
 reference, and the settings each recipe resolves to."""
 
 import dataclasses
+import json
 import math
+import re
+from pathlib import Path
 
 import pytest
 from peft import PeftModel
@@ -81,3 +84,20 @@ def test_smoke_run_uses_lora_with_the_adapter_off_reference(tmp_path):
     assert len(before) == len(after) == 2
     trainer.save_model(str(tmp_path))
     assert (tmp_path / "adapter_model.safetensors").is_file()
+
+
+def test_7b_chapter_installs_the_pinned_versions():
+    """The Colab cell of the 7B chapter pins trl and peft as requirements.txt does."""
+    root = Path(__file__).resolve().parents[1]
+    pins = dict(
+        line.split("==")
+        for line in (root / "requirements.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    )
+    cells = json.loads((root / "book/part3/09_full_7b_run.ipynb").read_text())["cells"]
+    setup = "".join(cells[0]["source"])
+    installed = dict(re.findall(r'"([\w-]+)==([\w.]+)"', setup))
+    assert installed["trl"] == pins["trl"]
+    assert installed["peft"] == pins["peft"]
+    assert "bitsandbytes" in installed
+    assert not re.search(r"install[^\n]*\btorch\b", setup), "the setup cell must not install torch"
