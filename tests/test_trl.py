@@ -111,7 +111,7 @@ def test_gamma_zero_logs_what_dpo_trainer_logs(tmp_path, tokenizer, dataset, dpo
         for name in TRL_METRICS:
             assert focal[name] == pytest.approx(dpo[name], abs=1e-5), name
         assert focal["focal/weight_mean"] == 1.0
-    # Evaluation goes through compute_loss too (with return_outputs=True unless loss-only).
+    # Evaluation goes through compute_loss too, in eval mode.
     held_out = make_preference_dataset(8, seed=1)
     focal_eval, dpo_eval = trainer.evaluate(held_out), dpo_trainer.evaluate(held_out)
     for name in ["eval_loss", "eval_rewards/margins", "eval_logps/chosen"]:
