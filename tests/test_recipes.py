@@ -101,3 +101,38 @@ def test_7b_chapter_installs_the_pinned_versions():
     assert installed["peft"] == pins["peft"]
     assert "bitsandbytes" in installed
     assert not re.search(r"install[^\n]*\btorch\b", setup), "the setup cell must not install torch"
+
+
+def test_hub_path_with_a_local_model_and_dataset(tmp_path, tokenizer):
+    """The non-smoke path (what a GPU run does, minus 4-bit), fed a local model and local files."""
+    from focalpo_mini.tiny import make_model
+
+    model_dir = tmp_path / "model"
+    make_model(tokenizer, seed=0).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    smoke_preference_data(16, seed=0).to_json(data_dir / "train.jsonl")
+    smoke_preference_data(4, seed=1).to_json(data_dir / "test.jsonl")
+    settings = RunSettings(
+        model_id=str(model_dir),
+        dataset_id=str(data_dir),
+        recipe="lora",
+        max_length=64,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=1,
+        max_steps=1,
+        num_pairs=8,
+        max_new_tokens=3,
+        output_dir=str(tmp_path / "out"),
+    ).resolved()
+    model, loaded_tokenizer = load_model_and_tokenizer(settings)
+    data = load_preference_data(settings)
+    assert len(data) == 8 and data.column_names[:2] == ["chosen", "rejected"]
+    prompts = sample_prompts(load_preference_data(settings, "test"), 1)
+    assert len(generate_samples(model, loaded_tokenizer, prompts, settings.max_new_tokens)) == 1
+    trainer = build_trainer(settings, model, loaded_tokenizer, data)
+    assert trainer.args.learning_rate == 5e-6 and trainer.args.beta == 0.01
+    trainer.train()
+    first = next(e for e in trainer.state.log_history if "loss" in e)
+    assert first["loss"] == pytest.approx(0.5**0.5 * math.log(2), rel=1e-5)

@@ -118,7 +118,7 @@ def load_model_and_tokenizer(settings: RunSettings):
     dtype = _compute_dtype()
     # Full fine-tuning keeps fp32 weights (the optimiser updates them) and computes in autocast.
     kwargs: dict = {"dtype": torch.float32 if settings.recipe == "full" else dtype}
-    if settings.recipe != "full":
+    if settings.recipe != "full" and torch.cuda.is_available():
         kwargs["device_map"] = {"": PartialState().local_process_index}
     if settings.recipe == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -165,7 +165,9 @@ def load_preference_data(settings: RunSettings, split: str = "train") -> Dataset
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if not settings.smoke:
         dataset = load_dataset(settings.dataset_id, split=split)
-        return dataset if settings.num_pairs is None else dataset.select(range(settings.num_pairs))
+        if split == "train" and settings.num_pairs is not None:  # a subset to train on
+            dataset = dataset.select(range(min(settings.num_pairs, len(dataset))))
+        return dataset
     seed = settings.seed if split == "train" else settings.seed + 1
     path = Path(settings.output_dir) / f"smoke_data_{split}"
     state = PartialState()
@@ -217,6 +219,7 @@ def training_config(settings: RunSettings) -> FocalPOConfig:
         use_cpu=not on_gpu,
         precompute_ref_log_probs=settings.recipe == "full",
         logging_steps=1 if settings.smoke else 10,
+        logging_first_step=True,  # step 1 has a known loss, (1/2)**gamma ln 2: a sanity check
         save_strategy="no",
         report_to=[],
         seed=settings.seed,
