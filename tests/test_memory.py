@@ -124,6 +124,11 @@ def test_recipes_order_by_memory_and_sharding_divides_model_states():
         r: memory_plan(config, r, max_length=1024, batch_size=4) for r in ("qlora", "lora", "full")
     }
     assert plans["qlora"].total < plans["lora"].total < plans["full"].total
+    # QLoRA's adapter is bf16 (TRL casts it), LoRA's fp32; both keep fp32 AdamW moments.
+    adapter = plans["lora"].trainable_params
+    assert plans["qlora"].gradients == pytest.approx(adapter * 2 / 1e9)
+    assert plans["lora"].gradients == pytest.approx(adapter * 4 / 1e9)
+    assert plans["qlora"].optimizer == plans["lora"].optimizer
     # 4-bit base: under a third of the bf16 base.
     assert plans["qlora"].weights < plans["lora"].weights / 3
     sharded = memory_plan(config, "full", max_length=1024, batch_size=4, num_gpus=8)

@@ -202,10 +202,12 @@ def memory_plan(
     Recipes and their assumptions:
 
     - ``"qlora"``: linear layers in 4-bit NF4 with double quantisation; embedding, LM head and
-      norms in bf16. LoRA of rank ``lora_r`` on all seven projections, adapter weights in fp32
-      (PEFT upcasts them by default), fp32 gradients, AdamW. The reference is the base with the
-      adapter switched off: no second model.
-    - ``"lora"``: the same with the base in bf16.
+      norms in bf16. LoRA of rank ``lora_r`` on all seven projections; TRL 1.16 casts the adapter
+      of a quantised model to bf16, so its weights and gradients take 2 bytes each, and paged
+      AdamW keeps two fp32 moments. The reference is the base with the adapter switched off: no
+      second model.
+    - ``"lora"``: a bf16 base; the adapter in fp32 (PEFT upcasts it by default), fp32 gradients,
+      AdamW.
     - ``"full"``: fp32 weights and gradients with bf16 autocast, two fp32 AdamW moments: 16
       bytes per parameter, the same total as ZeRO's mixed-precision count (Rajbhandari et al.
       2020), sharded over ``num_gpus`` (ZeRO-3 / FSDP full sharding). A live reference model
@@ -261,12 +263,13 @@ def memory_plan(
     else:
         base = total_params * _BF16
     adapter = lora_parameter_count(config, r=lora_r)
+    adapter_bytes = _BF16 if recipe == "qlora" else _FP32
     return MemoryPlan(
         recipe=recipe,
         num_gpus=1,
-        weights=(base + adapter * _FP32) / _GB,
+        weights=(base + adapter * adapter_bytes) / _GB,
         reference=0.0,
-        gradients=adapter * _FP32 / _GB,
+        gradients=adapter * adapter_bytes / _GB,
         optimizer=adapter * _ADAM_BYTES / _GB,
         activations=activations / _GB,
         trainable_params=adapter,
