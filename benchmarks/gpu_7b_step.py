@@ -137,8 +137,7 @@ def _quantize_linears_nf4(model: torch.nn.Module, compute_dtype: torch.dtype) ->
                 )
                 setattr(parent, name, quantized.to(child.weight.device))
                 del child
-    model.is_loaded_in_4bit = True
-    model.is_quantized = True
+    model.is_loaded_in_4bit = True  # what TRL and PEFT check to treat the model as 4-bit
     torch.cuda.empty_cache()
 
 
