@@ -10,6 +10,7 @@ from focalpo_mini.losses import (
     preference_logits,
 )
 from focalpo_mini.metrics import preference_metrics
+from focalpo_mini.ranking import ranking_accuracy
 from focalpo_mini.sft import supervised_finetune
 from focalpo_mini.tiny import make_model, make_tokenizer
 from focalpo_mini.trainer import TrainConfig, TrainResult, pair_logps, train
@@ -29,6 +30,7 @@ __all__ = [
     "pair_logps",
     "preference_logits",
     "preference_metrics",
+    "ranking_accuracy",
     "sequence_logps",
     "supervised_finetune",
     "train",
