@@ -60,7 +60,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunSettings, int]:
     parser.add_argument("--num-pairs", type=int, default=None, help="default: whole split")
     parser.add_argument("--lora-r", type=int, default=defaults.lora_r)
     parser.add_argument("--lora-alpha", type=int, default=defaults.lora_alpha)
-    parser.add_argument("--num-samples", type=int, default=3, help="prompts to generate for")
+    parser.add_argument(
+        "--num-samples", type=int, default=3, help="prompts to sample before/after (0: none)"
+    )
     parser.add_argument("--output-dir", default=defaults.output_dir)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     args = vars(parser.parse_args(argv))
@@ -75,7 +77,12 @@ def main(argv: list[str] | None = None) -> None:
 
     model, tokenizer = load_model_and_tokenizer(settings)
     train_data = load_preference_data(settings, "train")
-    prompts = sample_prompts(load_preference_data(settings, "test"), num_samples)
+    # A full 7B model waits in CPU memory until ZeRO-3/FSDP shards it: no sampling there.
+    if settings.recipe == "full" and not settings.smoke:
+        num_samples = 0
+    prompts = (
+        sample_prompts(load_preference_data(settings, "test"), num_samples) if num_samples else []
+    )
     before = generate_samples(model, tokenizer, prompts, settings.max_new_tokens)
 
     trainer = build_trainer(settings, model, tokenizer, train_data)

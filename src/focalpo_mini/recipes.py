@@ -107,8 +107,8 @@ def load_model_and_tokenizer(settings: RunSettings):
     Smoke mode: the tiny world's Llama and tokenizer, built locally (no quantisation, since
     bitsandbytes needs a GPU). Otherwise ``settings.model_id`` from the hub, in 4-bit NF4 with
     double quantisation for ``"qlora"``, the compute dtype for ``"lora"``, fp32 for ``"full"``.
-    LoRA recipes place the model on this process's GPU; the full recipe leaves placement to
-    accelerate (DeepSpeed ZeRO-3 or FSDP).
+    The model goes on this process's GPU, except for full fine-tuning on several processes,
+    where DeepSpeed ZeRO-3 or FSDP shards and places it.
     """
     if settings.smoke:
         tokenizer = make_tokenizer()
@@ -118,8 +118,10 @@ def load_model_and_tokenizer(settings: RunSettings):
     dtype = _compute_dtype()
     # Full fine-tuning keeps fp32 weights (the optimiser updates them) and computes in autocast.
     kwargs: dict = {"dtype": torch.float32 if settings.recipe == "full" else dtype}
-    if settings.recipe != "full" and torch.cuda.is_available():
-        kwargs["device_map"] = {"": PartialState().local_process_index}
+    state = PartialState()
+    # Full fine-tuning on several processes is sharded by DeepSpeed/FSDP, which place the weights.
+    if torch.cuda.is_available() and (settings.recipe != "full" or state.num_processes == 1):
+        kwargs["device_map"] = {"": state.local_process_index}
     if settings.recipe == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
