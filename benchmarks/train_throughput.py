@@ -97,6 +97,7 @@ def _worker(name: str, args: argparse.Namespace) -> dict:
         "setup_s": starts[0] - setup_start,
         "wall_s": wall,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "load_average_1min": os.getloadavg()[0],  # other jobs on the machine, at the run's end
     }
 
 
@@ -152,6 +153,7 @@ def _machine() -> dict:
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
+        "load_average_1min": os.getloadavg()[0],
         "python": platform.python_version(),
         "torch": torch.__version__,
         "trl": trl.__version__,
