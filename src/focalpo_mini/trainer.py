@@ -118,7 +118,9 @@ class TrainResult:
     ``focal/weight_mean``, ``groups/*``, ``learning_rate``, ``grad_norm``, ``num_tokens``).
     ``eval_history``: the same metric names on the eval split. ``eval_pairs``: with
     ``record_eval_pairs``, one dict of ``(N,)`` tensors per evaluation (``step``, ``index`` = the
-    dataset row, policy and reference log-probs, ``z``). ``data_stats``: truncation counts.
+    dataset row, policy and reference log-probs, ``z``). ``data_stats``: truncation counts per
+    split. ``train_seconds``: wall time of the loop, evaluations included, after tokenisation and
+    the reference cache. The metrics of a log step cover every pair since the previous one.
     """
 
     history: list[dict[str, float]]
