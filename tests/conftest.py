@@ -1,4 +1,4 @@
-"""Shared test set-up: no test may reach a model hub, and the tiny world is built once per session."""
+"""Shared test set-up: no test reaches a model hub, and the tiny tokenizer is built once."""
 
 import os
 
@@ -8,7 +8,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-import pytest  # noqa: E402
+import pytest
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""The book's configuration agrees with itself: the TOC, the notebooks' Colab cells and _config.yml."""
+"""The book's configuration agrees with itself: TOC, the notebooks' Colab cells and _config.yml."""
 
 import json
 import re
@@ -62,12 +62,17 @@ def test_repository_settings_for_colab():
 def test_colab_setup_cell_installs_from_the_configured_repository(notebook):
     cells = json.loads(notebook.read_text())["cells"]
     installs = [
-        m for cell in cells if cell["cell_type"] == "code" for m in INSTALL.finditer("".join(cell["source"]))
+        m
+        for cell in cells
+        if cell["cell_type"] == "code"
+        for m in INSTALL.finditer("".join(cell["source"]))
     ]
     assert installs, f"{notebook.name} has no Colab setup cell that installs the package"
     for match in installs:
         assert match["url"] == CONFIG["repository"]["url"], f"{notebook.name}: {match['url']}"
-        assert match["branch"] == CONFIG["repository"]["branch"], f"{notebook.name}: {match['branch']}"
+        assert match["branch"] == CONFIG["repository"]["branch"], (
+            f"{notebook.name}: {match['branch']}"
+        )
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.name)

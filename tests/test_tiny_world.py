@@ -9,7 +9,12 @@ from focalpo_mini.tiny import make_model, make_tokenizer
 
 @pytest.mark.parametrize(
     "text",
-    ["sort: 4 1 3 2\n1 2 3 4", "Hello, world! Ünïcödé ✓ and tabs\tand\nnewlines", "  leading spaces", ""],
+    [
+        "sort: 4 1 3 2\n1 2 3 4",
+        "Hello, world! Ünïcödé ✓ and tabs\tand\nnewlines",
+        "  leading spaces",
+        "",
+    ],
 )
 def test_tokenizer_round_trips(tokenizer, text):
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -98,8 +103,14 @@ def test_dataset_schema(conversational):
 
 
 def test_dataset_same_seed_same_rows():
-    assert make_preference_dataset(50, seed=4).to_list() == make_preference_dataset(50, seed=4).to_list()
-    assert make_preference_dataset(50, seed=4).to_list() != make_preference_dataset(50, seed=5).to_list()
+    assert (
+        make_preference_dataset(50, seed=4).to_list()
+        == make_preference_dataset(50, seed=4).to_list()
+    )
+    assert (
+        make_preference_dataset(50, seed=4).to_list()
+        != make_preference_dataset(50, seed=5).to_list()
+    )
 
 
 @pytest.mark.parametrize("noise", [0.0, 0.1, 0.25, 0.5])

@@ -1,4 +1,4 @@
-"""focalpo_mini: FocalPO, DPO and focal loss in a small library that a reader can hold in their head."""
+"""focalpo_mini: FocalPO, DPO and focal loss in a library small enough to hold in your head."""
 
 from focalpo_mini.data import make_preference_dataset, true_reward
 from focalpo_mini.logprobs import sequence_logps

@@ -1,8 +1,8 @@
 """The tiny world's preference data: a sorting task whose true reward is known exactly.
 
 A prompt asks to sort a few distinct digits (``"sort: 4 1 3 2\\n"``); a completion is a list of
-digits (``"1 2 3 4"``). The ground-truth reward of a completion is how sorted it is, so every chapter
-can measure *true* accuracy, not only agreement with (possibly noisy) labels.
+digits (``"1 2 3 4"``). The ground-truth reward of a completion is how sorted it is, so every
+chapter can measure *true* accuracy, not only agreement with (possibly noisy) labels.
 """
 
 from __future__ import annotations
@@ -46,21 +46,23 @@ def make_preference_dataset(
     min_len: int = 3,
     max_len: int = 6,
 ) -> Dataset:
-    """Synthetic preference pairs for the sorting task, in TRL's ``prompt``/``chosen``/``rejected`` format.
+    """Synthetic preference pairs for the sorting task, in TRL's prompt/chosen/rejected format.
 
     Each pair compares two permutations of the prompt's digits with different true rewards. Half of
-    the time the better one is the fully sorted answer; otherwise both are imperfect, so the task has
-    easy and hard pairs. ``noise`` is the fraction of pairs whose labels are swapped (exactly
+    the time the better one is the fully sorted answer; otherwise both are imperfect, so the task
+    has easy and hard pairs. ``noise`` is the fraction of pairs whose labels are swapped (exactly
     ``round(noise * n)`` of them, chosen at random).
 
     Columns:
         prompt, chosen, rejected: strings, or lists of ``{"role", "content"}`` messages when
-            ``conversational=True`` (prompt holds the user turn, chosen/rejected one assistant turn).
+            ``conversational=True`` (prompt holds the user turn, chosen/rejected one assistant
+            turn).
         chosen_reward, rejected_reward: the true rewards of the completions *as labelled*.
         label_flipped: True where noise swapped the pair, i.e. ``chosen_reward < rejected_reward``.
 
     Raises:
-        ValueError: if ``n <= 0``, ``noise`` is outside [0, 1], or the lengths are not 2 <= min_len <= max_len <= 10.
+        ValueError: if ``n <= 0``, ``noise`` is outside [0, 1], or the lengths are not
+            2 <= min_len <= max_len <= 10.
     """
     if not isinstance(n, int) or n <= 0:
         raise ValueError(f"n must be a positive integer, got {n!r}")
@@ -68,7 +70,8 @@ def make_preference_dataset(
         raise ValueError(f"noise must be in [0, 1], got {noise!r}")
     if not 2 <= min_len <= max_len <= 10:
         raise ValueError(
-            f"min_len and max_len must satisfy 2 <= min_len <= max_len <= 10, got {min_len}, {max_len}"
+            "min_len and max_len must satisfy 2 <= min_len <= max_len <= 10, "
+            f"got {min_len}, {max_len}"
         )
     rng = random.Random(seed)
     rows = [_make_pair(rng, rng.randint(min_len, max_len)) for _ in range(n)]
@@ -86,7 +89,7 @@ def make_preference_dataset(
 
 
 def tokenizer_corpus(n: int = 4000, *, seed: int = 1234) -> list[str]:
-    """Plain texts of the sorting task (prompt followed by a completion), to train the tiny tokenizer on."""
+    """Texts of the sorting task (a prompt and a completion each) to train the tokenizer on."""
     rng = random.Random(seed)
     texts = []
     for _ in range(n):

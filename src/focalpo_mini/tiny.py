@@ -43,7 +43,8 @@ def make_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     """
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise ValueError(
-            f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} for a byte-level BPE, got {vocab_size}"
+            f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} for a byte-level BPE, "
+            f"got {vocab_size}"
         )
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

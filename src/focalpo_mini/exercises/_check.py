@@ -1,4 +1,4 @@
-"""The two outcomes every checker reports: one success line, or an AssertionError with a precise hint."""
+"""The two outcomes of a checker: one success line, or an AssertionError with a precise hint."""
 
 from __future__ import annotations
 
@@ -13,5 +13,6 @@ def passed(name: str) -> None:
 def failed(name: str, case: str, expected: object, got: object, hint: str) -> NoReturn:
     """Raise the AssertionError a reader sees when exercise ``name`` fails on input ``case``."""
     raise AssertionError(
-        f"✗ {name} failed on {case}\n    expected: {expected}\n    got:      {got}\n    hint: {hint}"
+        f"✗ {name} failed on {case}\n    expected: {expected}\n    got:      {got}\n"
+        f"    hint: {hint}"
     )
