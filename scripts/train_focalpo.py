@@ -22,7 +22,6 @@ from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from accelerate import PartialState
 
 from focalpo_mini.memory import RECIPES
 from focalpo_mini.recipes import (
@@ -31,6 +30,7 @@ from focalpo_mini.recipes import (
     generate_samples,
     load_model_and_tokenizer,
     load_preference_data,
+    process_state,
     sample_prompts,
 )
 
@@ -73,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunSettings, int]:
 def main(argv: list[str] | None = None) -> None:
     settings, num_samples = parse_args(argv)
     settings = settings.resolved()
-    state = PartialState()
+    state = process_state()
 
     model, tokenizer = load_model_and_tokenizer(settings)
     train_data = load_preference_data(settings, "train")

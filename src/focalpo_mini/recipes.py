@@ -118,7 +118,7 @@ def load_model_and_tokenizer(settings: RunSettings):
     dtype = _compute_dtype()
     # Full fine-tuning keeps fp32 weights (the optimiser updates them) and computes in autocast.
     kwargs: dict = {"dtype": torch.float32 if settings.recipe == "full" else dtype}
-    state = PartialState()
+    state = process_state()
     # Full fine-tuning on several processes is sharded by DeepSpeed/FSDP, which place the weights.
     if torch.cuda.is_available() and (settings.recipe != "full" or state.num_processes == 1):
         kwargs["device_map"] = {"": state.local_process_index}
@@ -157,6 +157,15 @@ def smoke_preference_data(n: int, *, seed: int) -> Dataset:
     return Dataset.from_list(rows)
 
 
+def process_state() -> PartialState:
+    """This process's place in the launch (rank, world size), for torchrun or accelerate.
+
+    Without CUDA, accelerate only recognises a torchrun launch as multi-process when told it is on
+    a CPU; otherwise every process believes it is the main one and they race on shared files.
+    """
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def load_preference_data(settings: RunSettings, split: str = "train") -> Dataset:
     """Training (or ``"test"``) pairs: ``settings.dataset_id`` from the hub, or smoke data.
 
@@ -172,7 +181,7 @@ def load_preference_data(settings: RunSettings, split: str = "train") -> Dataset
         return dataset
     seed = settings.seed if split == "train" else settings.seed + 1
     path = Path(settings.output_dir) / f"smoke_data_{split}"
-    state = PartialState()
+    state = process_state()
     with state.main_process_first():
         if state.is_main_process:
             smoke_preference_data(settings.num_pairs or 32, seed=seed).save_to_disk(str(path))
