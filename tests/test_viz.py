@@ -33,7 +33,7 @@ def test_static_explorer_has_one_image_per_gamma(explorer):
     assert len(stack.children) == len(GAMMAS)
     assert all(isinstance(image, widgets.Image) for image in stack.children)
     assert all(image.format == "png" and image.value[:4] == b"\x89PNG" for image in stack.children)
-    assert all(image.tooltip for image in stack.children)
+    assert not any(image.tooltip for image in stack.children)  # a tooltip breaks the static view
 
 
 def test_static_explorer_frames_differ_between_gammas(explorer):

@@ -364,11 +364,12 @@ def gamma_explorer_static(
             format="png",
             width=width,
             height=height,
-            tooltip=f"Gradient weight against reward margin for γ = {g:g}, β = {beta:g}",
             layout=widgets.Layout(width="100%", max_width=f"{width}px", height="auto"),
         )
         for g, frame in zip(gammas, explorer_frames(gammas, beta=beta, dpi=dpi), strict=True)
     ]
+    # No ``tooltip`` on the images: the browser's widget manager (html-manager 1.0) fails to draw an
+    # Image that has one, and the static page would show no figure at all.
     stack = widgets.Stack(children=images, selected_index=0)
     slider = widgets.SelectionSlider(
         options=[(f"{g:g}", g) for g in gammas],
