@@ -11,15 +11,9 @@ from datasets import Dataset
 
 from focalpo_mini.data import make_preference_dataset
 from focalpo_mini.losses import focalpo_loss
+from focalpo_mini.pairs import collate, prepare_pairs
 from focalpo_mini.tiny import make_model
-from focalpo_mini.trainer import (
-    TrainConfig,
-    collate,
-    group_metrics,
-    pair_logps,
-    prepare_pairs,
-    train,
-)
+from focalpo_mini.trainer import TrainConfig, group_metrics, pair_logps, train
 
 SMALL = {
     "hidden_size": 32,

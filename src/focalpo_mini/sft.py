@@ -8,7 +8,7 @@ import torch
 
 from focalpo_mini._checks import check_number
 from focalpo_mini.logprobs import sequence_logps
-from focalpo_mini.trainer import _pad_id, collate_completions, tokenize_completion
+from focalpo_mini.pairs import collate_completions, pad_token_id, tokenize_completion
 
 
 def supervised_finetune(
@@ -27,7 +27,7 @@ def supervised_finetune(
 
     The loss is the cross-entropy of the completion tokens only (prompt and padding are left
     out), averaged over the batch's completion tokens. Completions are tokenised as in
-    :func:`focalpo_mini.trainer.tokenize_pair` (eos appended to plain text), so the model learns
+    :func:`focalpo_mini.pairs.tokenize_pair` (eos appended to plain text), so the model learns
     to stop. Sequences longer than ``max_length`` lose completion tokens from the right; rows
     whose prompt fills ``max_length`` are dropped with a warning. AdamW at a constant learning
     rate, gradients clipped to norm 1; batches are drawn with a generator seeded by ``seed``.
@@ -63,7 +63,7 @@ def supervised_finetune(
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate)
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_token_id(tokenizer)
     model.train()
     losses = []
     for _ in range(steps):

@@ -1,21 +1,15 @@
 """A preference-optimisation training loop (FocalPO, DPO or any such loss) to read top to bottom.
 
-1. Tokenise every pair once, as TRL 1.16's DPOTrainer does (:func:`tokenize_pair`).
+1. Tokenise and truncate every pair once, as TRL 1.16's DPOTrainer does
+   (:mod:`focalpo_mini.pairs` has the truncation policy).
 2. Compute the reference log-probs of every train and eval pair once, before training, with the
    policy as given (or ``ref_model``), and keep only those numbers: no reference model in memory.
-3. Each step: one forward pass over the chosen rows stacked on the rejected rows (:func:`collate`),
-   the loss from :mod:`focalpo_mini.losses`, AdamW with linear warm-up and decay, gradient
-   accumulation and clipping.
+3. Each step: one forward pass over the chosen rows stacked on the rejected rows
+   (:func:`~focalpo_mini.pairs.collate`), the loss from :mod:`focalpo_mini.losses`, AdamW with
+   linear warm-up and decay, gradient accumulation and clipping.
 4. Log TRL's metric names, the mean focal weight and Chen et al.'s per-group metrics; evaluate on a
    held-out split; checkpoint atomically, so that a resumed run repeats the uninterrupted one bit
    for bit on a CPU.
-
-Truncation policy. A sequence is prompt + completion. If ``max_prompt_length`` is set, a longer
-prompt keeps its last ``max_prompt_length`` tokens (cut from the left: the prompt's end is next to
-the completion). Then a sequence longer than ``max_length`` loses completion tokens from the right.
-A pair whose prompt alone fills ``max_length`` has no completion token left and is dropped. With
-``max_prompt_length=None`` this is TRL 1.16's ``truncation_mode="keep_start"`` exactly.
-:func:`prepare_pairs` counts every cut and warns with the counts.
 """
 
 from __future__ import annotations
@@ -25,8 +19,7 @@ import hashlib
 import math
 import os
 import time
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -36,8 +29,8 @@ from focalpo_mini._checks import check_number
 from focalpo_mini.logprobs import sequence_logps
 from focalpo_mini.losses import dpo_loss, focalpo_loss, preference_logits
 from focalpo_mini.metrics import preference_metrics
+from focalpo_mini.pairs import collate, pad_token_id, prepare_pairs
 
-REQUIRED_COLUMNS = ("prompt", "chosen", "rejected")
 CHECKPOINT_NAME = "checkpoint.pt"
 # These change what is logged or saved, never the trajectory, so a resumed run may change them.
 # max_steps is not among them: it sets the learning-rate decay.
@@ -144,133 +137,6 @@ class TrainResult:
         return sorted({k for r in rows for k in r} - {"step"})
 
 
-# --- Data: tokenise, truncate, collate --------------------------------------------------------
-
-
-def tokenize_pair(tokenizer, example: dict) -> dict[str, list[int]]:
-    """Token ids of one pair, as TRL 1.16's DPOTrainer makes them.
-
-    Plain text: eos is appended to each completion (unless already there) and prompt,
-    prompt+chosen and prompt+rejected are tokenised. Conversational (lists of messages): the chat
-    template renders the prompt with ``add_generation_prompt=True`` and the full conversations
-    without; the template closes each turn, so no eos is added. The completion starts where the
-    prompt's ids and the full ids first differ (shortest of the two), as in TRL.
-
-    Returns:
-        ``prompt_ids``, ``chosen_ids``, ``rejected_ids``: lists of token ids.
-    """
-    prompt_ids, chosen_full = _encode(tokenizer, example["prompt"], example["chosen"])
-    _, rejected_full = _encode(tokenizer, example["prompt"], example["rejected"])
-    n = min(_common_prefix(prompt_ids, chosen_full), _common_prefix(prompt_ids, rejected_full))
-    return {
-        "prompt_ids": prompt_ids[:n],
-        "chosen_ids": chosen_full[n:],
-        "rejected_ids": rejected_full[n:],
-    }
-
-
-def tokenize_completion(tokenizer, prompt, completion) -> dict[str, list[int]]:
-    """``prompt_ids`` and ``completion_ids`` of one prompt/completion, tokenised like a pair's."""
-    prompt_ids, full = _encode(tokenizer, prompt, completion)
-    n = _common_prefix(prompt_ids, full)
-    return {"prompt_ids": prompt_ids[:n], "completion_ids": full[n:]}
-
-
-def prepare_pairs(
-    tokenizer,
-    dataset,
-    *,
-    max_length: int,
-    max_prompt_length: int | None = None,
-    name: str = "dataset",
-) -> tuple[list[dict[str, list[int]]], list[int], dict[str, int]]:
-    """Validate, tokenise and truncate a preference dataset (the module docstring has the policy).
-
-    Raises ValueError if a column is missing or a completion is empty (naming the row). Warns, with
-    counts, about pairs skipped because chosen == rejected and about truncation.
-
-    Returns:
-        ``(pairs, rows, stats)``: the kept pairs (dicts of ``prompt_ids``/``chosen_ids``/
-        ``rejected_ids``), the dataset row of each, and the counts ``pairs``, ``identical_skipped``,
-        ``truncated``, ``dropped_prompt_too_long``, ``prompt_tokens_cut``,
-        ``completion_tokens_cut``.
-    """
-    columns = list(getattr(dataset, "column_names", None) or (dataset[0] if len(dataset) else []))
-    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-    if missing:
-        raise ValueError(f"{name} is missing column(s) {missing}; found columns {columns}")
-    stats = dict.fromkeys(
-        (
-            "pairs",
-            "identical_skipped",
-            "truncated",
-            "dropped_prompt_too_long",
-            "prompt_tokens_cut",
-            "completion_tokens_cut",
-        ),
-        0,
-    )
-    pairs, rows = [], []
-    for i, example in enumerate(dataset):
-        for column in ("chosen", "rejected"):
-            if not _text(example[column]).strip():
-                raise ValueError(f"{name} row {i}: the {column} completion is empty")
-        if example["chosen"] == example["rejected"]:
-            stats["identical_skipped"] += 1
-            continue
-        pair = _truncate(tokenize_pair(tokenizer, example), max_length, max_prompt_length, stats)
-        if pair is not None:
-            pairs.append(pair)
-            rows.append(i)
-    stats["pairs"] = len(pairs)
-    if stats["identical_skipped"]:
-        warnings.warn(
-            f"{name}: skipped {stats['identical_skipped']} pair(s) with chosen == rejected",
-            stacklevel=2,
-        )
-    if stats["truncated"] or stats["dropped_prompt_too_long"]:
-        warnings.warn(
-            f"{name}: dropped {stats['dropped_prompt_too_long']} pair(s) whose prompt fills "
-            f"max_length={max_length}; truncated {stats['truncated']} pair(s), cutting "
-            f"{stats['prompt_tokens_cut']} prompt token(s) from the left and "
-            f"{stats['completion_tokens_cut']} completion token(s) from the right",
-            stacklevel=2,
-        )
-    return pairs, rows, stats
-
-
-def collate_completions(rows: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad prompt+completion rows (dicts of ``prompt_ids``, ``completion_ids``).
-
-    Returns ``input_ids`` (padded with ``pad_token_id``), ``attention_mask`` and
-    ``completion_mask`` (1 on completion tokens), each of shape ``(R, T)``, ``T`` the longest row.
-    """
-    length = max(len(r["prompt_ids"]) + len(r["completion_ids"]) for r in rows)
-    input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-    completion_mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, r in enumerate(rows):
-        n, end = len(r["prompt_ids"]), len(r["prompt_ids"]) + len(r["completion_ids"])
-        input_ids[i, :end] = torch.tensor(r["prompt_ids"] + r["completion_ids"])
-        attention_mask[i, :end] = 1
-        completion_mask[i, n:end] = 1
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "completion_mask": completion_mask,
-    }
-
-
-def collate(pairs: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """A batch of B pairs as 2B right-padded rows: chosen rows 0..B-1 over rejected rows B..2B-1.
-
-    The same layout as TRL's ``DataCollatorForPreference``; see :func:`collate_completions`.
-    """
-    chosen = [{"prompt_ids": p["prompt_ids"], "completion_ids": p["chosen_ids"]} for p in pairs]
-    rejected = [{"prompt_ids": p["prompt_ids"], "completion_ids": p["rejected_ids"]} for p in pairs]
-    return collate_completions(chosen + rejected, pad_token_id)
-
-
 # --- Log-probs, loss and metrics of a batch ---------------------------------------------------
 
 
@@ -329,12 +195,13 @@ def pair_logps(
     """Summed completion log-probs of every pair under ``model`` (eval mode, no gradients).
 
     Returns ``(chosen, rejected)``, each ``(len(dataset),)`` in nats; NaN for a row that
-    :func:`prepare_pairs` skips (chosen == rejected, or prompt filling ``max_length``).
+    :func:`~focalpo_mini.pairs.prepare_pairs` skips (chosen == rejected, or prompt filling
+    ``max_length``).
     """
     pairs, rows, _ = prepare_pairs(
         tokenizer, dataset, max_length=max_length, max_prompt_length=max_prompt_length
     )
-    chosen, rejected = _all_logps(model, pairs, batch_size, _pad_id(tokenizer))
+    chosen, rejected = _all_logps(model, pairs, batch_size, pad_token_id(tokenizer))
     out = torch.full((2, len(dataset)), math.nan, dtype=chosen.dtype)
     out[:, rows] = torch.stack([chosen, rejected])
     return out[0], out[1]
@@ -376,7 +243,7 @@ def train(
     config = TrainConfig() if config is None else config
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
-    pad_id, device = _pad_id(tokenizer), next(model.parameters()).device
+    pad_id, device = pad_token_id(tokenizer), next(model.parameters()).device
     limits = {"max_length": config.max_length, "max_prompt_length": config.max_prompt_length}
     splits = {
         "train": _Split(*prepare_pairs(tokenizer, train_dataset, **limits, name="train_dataset"))
@@ -570,60 +437,6 @@ def _all_logps(model, pairs, batch_size: int, pad_id: int) -> tuple[torch.Tensor
     model.train(was_training)
     # cloned outside inference mode, so autograd may use them as constants later
     return tuple(torch.cat([p[k] for p in parts]).clone() for k in (0, 1))
-
-
-def _encode(tokenizer, prompt, completion) -> tuple[list[int], list[int]]:
-    if isinstance(prompt, list):
-
-        def ids(messages, **kwargs):
-            return tokenizer.apply_chat_template(
-                messages, tokenize=True, return_dict=True, **kwargs
-            )["input_ids"]
-
-        return ids(prompt, add_generation_prompt=True), ids(prompt + completion)
-    if not completion.endswith(tokenizer.eos_token):
-        completion = completion + tokenizer.eos_token
-    return tokenizer(text=prompt)["input_ids"], tokenizer(text=prompt + completion)["input_ids"]
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
-
-
-def _truncate(pair, max_length: int, max_prompt_length: int | None, stats: dict) -> dict | None:
-    prompt = pair["prompt_ids"]
-    prompt_cut = 0
-    if max_prompt_length is not None and len(prompt) > max_prompt_length:
-        prompt_cut = len(prompt) - max_prompt_length
-        prompt = prompt[-max_prompt_length:]
-    if len(prompt) >= max_length:
-        stats["dropped_prompt_too_long"] += 1
-        return None
-    room = max_length - len(prompt)
-    completion_cut = sum(max(0, len(pair[k]) - room) for k in ("chosen_ids", "rejected_ids"))
-    if prompt_cut or completion_cut:
-        stats["truncated"] += 1
-        stats["prompt_tokens_cut"] += prompt_cut
-        stats["completion_tokens_cut"] += completion_cut
-    return {
-        "prompt_ids": prompt,
-        "chosen_ids": pair["chosen_ids"][:room],
-        "rejected_ids": pair["rejected_ids"][:room],
-    }
-
-
-def _text(completion) -> str:
-    if isinstance(completion, list):
-        return "".join(str(m.get("content", "")) for m in completion)
-    return completion
-
-
-def _pad_id(tokenizer) -> int:
-    pad_id = tokenizer.pad_token_id
-    return tokenizer.eos_token_id if pad_id is None else pad_id
 
 
 def _to(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
