@@ -32,10 +32,11 @@ import torch
 import transformers
 
 from focalpo_mini.data import make_preference_dataset
+from focalpo_mini.pairs import pair_logps
 from focalpo_mini.ranking import ranked_correctly
 from focalpo_mini.sft import supervised_finetune
 from focalpo_mini.tiny import make_model, make_tokenizer
-from focalpo_mini.trainer import TrainConfig, pair_logps, train
+from focalpo_mini.trainer import TrainConfig, train
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,12 @@
-"""preference_metrics: what TRL 1.16's DPOTrainer logs, plus FocalPO's mean modulating factor."""
+"""preference_metrics (what TRL 1.16's DPOTrainer logs, plus the mean modulating factor) and
+group_metrics (Chen et al.'s groups)."""
 
 import math
 
 import pytest
 import torch
 
-from focalpo_mini.metrics import preference_metrics
+from focalpo_mini.metrics import group_metrics, preference_metrics
 
 TRL_NAMES = {
     "rewards/chosen",
@@ -171,3 +172,22 @@ def test_empty_batch_is_rejected():
     empty = torch.zeros(0)
     with pytest.raises(ValueError, match="policy_chosen_logps"):
         preference_metrics(empty, empty, empty, empty, beta=0.1)
+
+
+def test_group_metrics_partition_and_match_a_loop():
+    generator = torch.Generator().manual_seed(0)
+    pc, pr, rc, rr = (torch.randn(50, generator=generator) * 3 for _ in range(4))
+    metrics = group_metrics(pc, pr, rc, rr, beta=0.1)
+    assert metrics["groups/ref_correct/count"] + metrics["groups/ref_incorrect/count"] == 50
+    for group, in_group in (("ref_correct", True), ("ref_incorrect", False)):
+        members = [i for i in range(50) if (rc[i].item() >= rr[i].item()) == in_group]
+        z = [0.1 * ((pc[i] - rc[i]) - (pr[i] - rr[i])).item() for i in members]
+        assert metrics[f"groups/{group}/count"] == len(members)
+        assert metrics[f"groups/{group}/margin"] == pytest.approx(sum(z) / len(z), abs=1e-6)
+        reward_acc = sum(v > 0 for v in z) / len(z)
+        ranking_acc = sum(pc[i].item() >= pr[i].item() for i in members) / len(members)
+        assert metrics[f"groups/{group}/reward_accuracy"] == pytest.approx(reward_acc)
+        assert metrics[f"groups/{group}/ranking_accuracy"] == pytest.approx(ranking_acc)
+    empty = group_metrics(pc, pr, rc.abs() + 1, -rr.abs(), beta=0.1)
+    assert empty["groups/ref_incorrect/count"] == 0
+    assert math.isnan(empty["groups/ref_incorrect/margin"])

@@ -7,30 +7,14 @@ from datasets import Dataset
 
 from focalpo_mini.data import make_preference_dataset
 from focalpo_mini.sft import supervised_finetune
-from focalpo_mini.tiny import make_model
 
-SMALL = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 2,
-}
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: a second intra-op thread only adds contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_first_loss_is_the_completion_cross_entropy(tokenizer):
+def test_first_loss_is_the_completion_cross_entropy(tokenizer, small_model):
     dataset = make_preference_dataset(6, seed=0)
-    model = make_model(tokenizer, **SMALL)
-    initial = make_model(tokenizer, **SMALL)
+    model = small_model()
+    initial = small_model()
     losses = supervised_finetune(model, tokenizer, dataset, steps=1, batch_size=4, seed=7)
     # the same rows the function draws, scored one at a time with ignore_index on the prompt
     idx = torch.randint(6, (4,), generator=torch.Generator().manual_seed(7)).tolist()
@@ -48,9 +32,9 @@ def test_first_loss_is_the_completion_cross_entropy(tokenizer):
     assert losses[0] == pytest.approx(total / count, abs=1e-5)
 
 
-def test_loss_decreases_on_the_target_column(tokenizer):
+def test_loss_decreases_on_the_target_column(tokenizer, small_model):
     dataset = make_preference_dataset(64, seed=0)
-    model = make_model(tokenizer, **SMALL)
+    model = small_model()
     losses = supervised_finetune(
         model, tokenizer, dataset, steps=30, learning_rate=5e-3, target="rejected"
     )
@@ -58,8 +42,8 @@ def test_loss_decreases_on_the_target_column(tokenizer):
     assert sum(losses[-5:]) / 5 < 0.7 * losses[0]
 
 
-def test_bad_input(tokenizer):
-    model = make_model(tokenizer, **SMALL)
+def test_bad_input(tokenizer, small_model):
+    model = small_model()
     with pytest.raises(ValueError, match=r"columns 'prompt' and 'answer'; found columns"):
         supervised_finetune(model, tokenizer, make_preference_dataset(4), target="answer")
     with pytest.raises(ValueError, match="steps must be an integer >= 1"):

@@ -1,9 +1,8 @@
-"""The from-scratch trainer: TRL-identical collation, the cached reference, metrics, loss plug-ins,
-gradient accumulation, bit-identical resume, and clear errors on bad input."""
+"""The from-scratch trainer: the cached reference, metrics, loss plug-ins, gradient accumulation,
+bit-identical resume, and clear errors on bad input (collation is in test_pairs.py)."""
 
 import copy
 import math
-import warnings
 
 import pytest
 import torch
@@ -11,17 +10,9 @@ from datasets import Dataset
 
 from focalpo_mini.data import make_preference_dataset
 from focalpo_mini.losses import focalpo_loss
-from focalpo_mini.pairs import collate, prepare_pairs
-from focalpo_mini.tiny import make_model
-from focalpo_mini.trainer import TrainConfig, group_metrics, pair_logps, train
+from focalpo_mini.pairs import pair_logps
+from focalpo_mini.trainer import TrainConfig, train
 
-SMALL = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 2,
-}
 TRL_NAMES = [
     "loss",
     "rewards/chosen",
@@ -33,18 +24,7 @@ TRL_NAMES = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: the models are tiny, and on a shared 2-core machine a second
-    thread only adds contention (it made these tests several times slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def small_model(tokenizer, seed=0):
-    return make_model(tokenizer, seed=seed, **SMALL)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(**overrides):
@@ -57,81 +37,6 @@ def same(a, b):
     return a.keys() == b.keys() and all(
         a[k] == b[k] or (math.isnan(a[k]) and math.isnan(b[k])) for k in a
     )
-
-
-def trl_batch(tokenizer, dataset, max_length):
-    """TRL 1.16's own tokenisation (DPOTrainer._prepare_dataset) and collator, on ``dataset``."""
-    from trl import DPOConfig, DPOTrainer
-    from trl.trainer.dpo_trainer import DataCollatorForPreference
-
-    model = small_model(tokenizer)
-    args = DPOConfig(
-        output_dir="/tmp/focalpo-trl-collation",
-        max_length=max_length,
-        report_to=[],
-        bf16=False,
-        gradient_checkpointing=False,
-        use_cpu=True,
-    )
-    trainer = DPOTrainer(
-        model=model,
-        ref_model=copy.deepcopy(model),
-        args=args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-    )
-    examples = list(trainer.train_dataset)
-    collator = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id, max_length=max_length)
-    return collator.torch_call(examples)
-
-
-@pytest.mark.parametrize("conversational", [False, True])
-@pytest.mark.parametrize("max_length", [1024, 14])
-def test_collation_equals_trl(tokenizer, conversational, max_length):
-    dataset = make_preference_dataset(12, seed=3, conversational=conversational, max_len=8)
-    expected = trl_batch(tokenizer, dataset, max_length)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        pairs, _, stats = prepare_pairs(tokenizer, dataset, max_length=max_length)
-    batch = collate(pairs, tokenizer.pad_token_id)
-    for key in ("input_ids", "attention_mask", "completion_mask"):
-        assert torch.equal(batch[key], expected[key]), key
-    cut = stats["truncated"] + stats["dropped_prompt_too_long"]
-    assert (cut > 0) == (max_length == 14) == bool(caught)
-
-
-def test_collation_by_hand(tokenizer):
-    eos = tokenizer.eos_token_id
-    ids = {"prompt_ids": [7, 8, 9], "chosen_ids": [10, eos], "rejected_ids": [11, 12, 13, eos]}
-    other = {"prompt_ids": [5], "chosen_ids": [6, eos], "rejected_ids": [eos]}
-    batch = collate([ids, other], pad_token_id=0)
-    assert batch["input_ids"].tolist() == [
-        [7, 8, 9, 10, eos, 0, 0],  # chosen rows first
-        [5, 6, eos, 0, 0, 0, 0],
-        [7, 8, 9, 11, 12, 13, eos],  # then rejected rows
-        [5, eos, 0, 0, 0, 0, 0],
-    ]
-    assert batch["attention_mask"].tolist() == [
-        [1, 1, 1, 1, 1, 0, 0],
-        [1, 1, 1, 0, 0, 0, 0],
-        [1, 1, 1, 1, 1, 1, 1],
-        [1, 1, 0, 0, 0, 0, 0],
-    ]
-    assert batch["completion_mask"].tolist() == [
-        [0, 0, 0, 1, 1, 0, 0],
-        [0, 1, 1, 0, 0, 0, 0],
-        [0, 0, 0, 1, 1, 1, 1],
-        [0, 1, 0, 0, 0, 0, 0],
-    ]
-
-
-def test_completions_end_with_eos(tokenizer):
-    plain = make_preference_dataset(4, seed=0)
-    chat = make_preference_dataset(4, seed=0, conversational=True)
-    for dataset in (plain, chat):  # TRL adds eos to plain text; the chat template closes the turn
-        pairs, _, _ = prepare_pairs(tokenizer, dataset, max_length=1024)
-        for pair, row in zip(pairs, plain, strict=True):
-            assert tokenizer.decode(pair["chosen_ids"]) == row["chosen"] + tokenizer.eos_token
 
 
 def naive_logps(model, tokenizer, dataset):
@@ -149,8 +54,8 @@ def naive_logps(model, tokenizer, dataset):
     return torch.stack(out).view(-1, 2).T
 
 
-def test_reference_cache_equals_a_separate_no_grad_computation(tokenizer):
-    model = small_model(tokenizer)
+def test_reference_cache_equals_a_separate_no_grad_computation(tokenizer, small_model):
+    model = small_model()
     initial = copy.deepcopy(model)
     train_set, eval_set = make_preference_dataset(16, seed=0), make_preference_dataset(8, seed=1)
     result = train(
@@ -172,17 +77,8 @@ def test_reference_cache_equals_a_separate_no_grad_computation(tokenizer):
     torch.testing.assert_close(rejected, expected_rejected, atol=1e-4, rtol=0)
 
 
-def test_pair_logps_marks_skipped_rows_nan(tokenizer):
-    rows = make_preference_dataset(3, seed=0).to_list()
-    rows[1]["rejected"] = rows[1]["chosen"]
-    with pytest.warns(UserWarning, match="skipped 1 pair"):
-        chosen, rejected = pair_logps(small_model(tokenizer), tokenizer, Dataset.from_list(rows))
-    assert torch.isnan(chosen).tolist() == [False, True, False]
-    assert torch.isnan(rejected).tolist() == [False, True, False]
-
-
-def test_loss_decreases_and_metrics_are_named_like_trl(tokenizer):
-    model = small_model(tokenizer)
+def test_loss_decreases_and_metrics_are_named_like_trl(tokenizer, small_model):
+    model = small_model()
     dataset = make_preference_dataset(64, seed=0)
     result = train(
         model,
@@ -190,9 +86,9 @@ def test_loss_decreases_and_metrics_are_named_like_trl(tokenizer):
         dataset,
         config=config(max_steps=40, log_every=10, gamma=0.5, learning_rate=5e-3),
     )
-    first = train(
-        small_model(tokenizer), tokenizer, dataset, config=config(max_steps=1, gamma=0.5)
-    ).history[0]
+    first = train(small_model(), tokenizer, dataset, config=config(max_steps=1, gamma=0.5)).history[
+        0
+    ]
     # policy == reference at the first step: z = 0, p = 1/2, loss = 0.5**gamma * ln 2
     assert first["loss"] == pytest.approx(0.5**0.5 * math.log(2), abs=1e-5)
     assert first["focal/weight_mean"] == pytest.approx(0.5**0.5, abs=1e-5)
@@ -208,42 +104,29 @@ def test_loss_decreases_and_metrics_are_named_like_trl(tokenizer):
         result.series("reward")
 
 
-def test_group_metrics_partition_and_match_a_loop():
-    generator = torch.Generator().manual_seed(0)
-    pc, pr, rc, rr = (torch.randn(50, generator=generator) * 3 for _ in range(4))
-    metrics = group_metrics(pc, pr, rc, rr, beta=0.1)
-    assert metrics["groups/ref_correct/count"] + metrics["groups/ref_incorrect/count"] == 50
-    for group, in_group in (("ref_correct", True), ("ref_incorrect", False)):
-        members = [i for i in range(50) if (rc[i].item() >= rr[i].item()) == in_group]
-        z = [0.1 * ((pc[i] - rc[i]) - (pr[i] - rr[i])).item() for i in members]
-        assert metrics[f"groups/{group}/count"] == len(members)
-        assert metrics[f"groups/{group}/margin"] == pytest.approx(sum(z) / len(z), abs=1e-6)
-        reward_acc = sum(v > 0 for v in z) / len(z)
-        ranking_acc = sum(pc[i].item() >= pr[i].item() for i in members) / len(members)
-        assert metrics[f"groups/{group}/reward_accuracy"] == pytest.approx(reward_acc)
-        assert metrics[f"groups/{group}/ranking_accuracy"] == pytest.approx(ranking_acc)
-    empty = group_metrics(pc, pr, rc.abs() + 1, -rr.abs(), beta=0.1)
-    assert empty["groups/ref_incorrect/count"] == 0
-    assert math.isnan(empty["groups/ref_incorrect/margin"])
+@pytest.fixture
+def run(tokenizer, small_model):
+    """``run(dataset, **config_overrides)``: train a fresh small model; its TrainResult."""
+
+    def train_fresh(dataset, **overrides):
+        return train(small_model(), tokenizer, dataset, config=config(**overrides))
+
+    return train_fresh
 
 
-def run(tokenizer, dataset, **overrides):
-    return train(small_model(tokenizer), tokenizer, dataset, config=config(**overrides))
-
-
-def test_loss_plugins(tokenizer):
+def test_loss_plugins(run):
     dataset = make_preference_dataset(32, seed=0)
-    dpo = run(tokenizer, dataset, loss="dpo").history
-    focal_zero = run(tokenizer, dataset, loss="focalpo", gamma=0.0).history
-    focal = run(tokenizer, dataset, loss="focalpo", gamma=0.5).history
+    dpo = run(dataset, loss="dpo").history
+    focal_zero = run(dataset, loss="focalpo", gamma=0.0).history
+    focal = run(dataset, loss="focalpo", gamma=0.5).history
     calls = []
 
     def my_loss(*logps, **kwargs):
         calls.append(kwargs)
         return focalpo_loss(*logps, **kwargs)
 
-    custom = run(tokenizer, dataset, loss=my_loss, gamma=0.5, detach_weight=True).history
-    detached = run(tokenizer, dataset, loss="focalpo", gamma=0.5, detach_weight=True).history
+    custom = run(dataset, loss=my_loss, gamma=0.5, detach_weight=True).history
+    detached = run(dataset, loss="focalpo", gamma=0.5, detach_weight=True).history
     assert all(same(a, b) for a, b in zip(dpo, focal_zero, strict=True))  # gamma = 0 is DPO exactly
     assert all(same(a, b) for a, b in zip(custom, detached, strict=True))
     assert focal[0]["loss"] != dpo[0]["loss"]
@@ -251,9 +134,9 @@ def test_loss_plugins(tokenizer):
     assert calls[0] == {"beta": 0.1, "gamma": 0.5, "detach_weight": True, "reduction": "mean"}
 
 
-def test_gradient_accumulation_matches_one_big_batch(tokenizer):
+def test_gradient_accumulation_matches_one_big_batch(tokenizer, small_model):
     dataset = make_preference_dataset(32, seed=0)
-    big, accumulated = small_model(tokenizer), small_model(tokenizer)
+    big, accumulated = small_model(), small_model()
     one = train(big, tokenizer, dataset, config=config(batch_size=16, max_steps=3)).history
     two = train(
         accumulated,
@@ -281,10 +164,10 @@ class InterruptAt:
         return focalpo_loss(*logps, **kwargs)
 
 
-def test_interrupted_run_resumes_bit_identically(tokenizer, tmp_path):
+def test_interrupted_run_resumes_bit_identically(tokenizer, tmp_path, small_model):
     dataset = make_preference_dataset(24, seed=0)  # 3 micro-batches per epoch: epochs roll over
     settings = {"grad_accum_steps": 2, "max_steps": 8, "log_every": 3, "warmup_steps": 2}
-    uninterrupted_model = small_model(tokenizer)
+    uninterrupted_model = small_model()
     uninterrupted = train(
         uninterrupted_model, tokenizer, dataset, config=config(loss=InterruptAt(), **settings)
     )
@@ -293,13 +176,13 @@ def test_interrupted_run_resumes_bit_identically(tokenizer, tmp_path):
         loss=InterruptAt(11), checkpoint_dir=str(tmp_path), checkpoint_every=2, **settings
     )
     with pytest.raises(KeyboardInterrupt):
-        train(small_model(tokenizer), tokenizer, dataset, config=interrupted)
+        train(small_model(), tokenizer, dataset, config=interrupted)
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert checkpoint["progress"]["step"] == 5
     assert checkpoint["data_position"] == {"epoch": 3, "batch": 1}  # 10 micro-batches of 3 a epoch
     assert not list(tmp_path.glob("*.tmp"))
 
-    resumed_model = small_model(tokenizer, seed=1)  # its weights are replaced by the checkpoint's
+    resumed_model = small_model(seed=1)  # its weights are replaced by the checkpoint's
     resumed_config = config(loss=InterruptAt(), **settings)
     resumed = train(resumed_model, tokenizer, dataset, config=resumed_config, resume_from=tmp_path)
     assert [h["step"] for h in resumed.history] == [3, 6, 8]
@@ -308,78 +191,55 @@ def test_interrupted_run_resumes_bit_identically(tokenizer, tmp_path):
         assert torch.equal(p, q)
 
 
-def test_resume_with_a_different_config_names_the_fields(tokenizer, tmp_path):
+def test_resume_with_a_different_config_names_the_fields(tokenizer, tmp_path, small_model, run):
     dataset = make_preference_dataset(16, seed=0)
-    run(tokenizer, dataset, max_steps=2, checkpoint_dir=str(tmp_path), checkpoint_every=2)
+    run(dataset, max_steps=2, checkpoint_dir=str(tmp_path), checkpoint_every=2)
     changed = config(max_steps=2, beta=0.2, gamma=1.0, checkpoint_dir=str(tmp_path))
     with pytest.raises(ValueError, match=r"beta \(checkpoint 0.1, now 0.2\), gamma"):
-        train(small_model(tokenizer), tokenizer, dataset, config=changed, resume_from=tmp_path)
+        train(small_model(), tokenizer, dataset, config=changed, resume_from=tmp_path)
     other_data = make_preference_dataset(16, seed=1)
     with pytest.raises(ValueError, match="train_dataset differs"):
         train(
-            small_model(tokenizer), tokenizer, other_data, config=config(max_steps=2),
+            small_model(), tokenizer, other_data, config=config(max_steps=2),
+            resume_from=tmp_path,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match=r"has splits \['train'\], now \['eval', 'train'\]"):
+        train(
+            small_model(), tokenizer, dataset, dataset, config=config(max_steps=2),
             resume_from=tmp_path,
         )  # fmt: skip
     # logging and checkpointing fields may change; the run is already complete
     result = train(
-        small_model(tokenizer), tokenizer, dataset, config=config(max_steps=2, log_every=5),
+        small_model(), tokenizer, dataset, config=config(max_steps=2, log_every=5),
         resume_from=tmp_path / "checkpoint.pt",
     )  # fmt: skip
     assert [h["step"] for h in result.history] == [1, 2]
 
 
-def test_conversational_data_trains(tokenizer):
+def test_conversational_data_trains(run):
     dataset = make_preference_dataset(16, seed=0, conversational=True)
-    result = run(tokenizer, dataset, max_steps=2)
+    result = run(dataset, max_steps=2)
     assert len(result.history) == 2 and all(math.isfinite(h["loss"]) for h in result.history)
 
 
 # --- Bad input --------------------------------------------------------------------------------
 
 
-def test_missing_columns_lists_the_columns_found(tokenizer):
+def test_missing_columns_lists_the_columns_found(run):
     dataset = Dataset.from_dict({"prompt": ["a"], "answer": ["b"], "rejected": ["c"]})
     with pytest.raises(ValueError, match=r"missing column\(s\) \['chosen'\].*\['prompt', 'answer'"):
-        run(tokenizer, dataset)
+        run(dataset)
 
 
 @pytest.mark.parametrize("conversational", [False, True])
-def test_empty_completion_names_the_row(tokenizer, conversational):
+def test_empty_completion_names_the_row(conversational, run):
     rows = make_preference_dataset(5, seed=0, conversational=conversational).to_list()
     if conversational:
         rows[3]["rejected"] = [{"role": "assistant", "content": ""}]
     else:
         rows[3]["rejected"] = ""
     with pytest.raises(ValueError, match="row 3: the rejected completion is empty"):
-        run(tokenizer, Dataset.from_list(rows))
-
-
-def test_identical_pairs_are_skipped_with_a_count(tokenizer):
-    rows = make_preference_dataset(12, seed=0).to_list()
-    for i in (2, 5):
-        rows[i]["rejected"] = rows[i]["chosen"]
-    with pytest.warns(UserWarning, match="skipped 2 pair"):
-        pairs, kept, stats = prepare_pairs(tokenizer, Dataset.from_list(rows), max_length=1024)
-    assert stats["identical_skipped"] == 2 and len(pairs) == 10
-    assert kept == [i for i in range(12) if i not in (2, 5)]
-
-
-def test_long_prompts_follow_the_documented_policy(tokenizer):
-    rows = make_preference_dataset(6, seed=0).to_list()
-    rows[1]["prompt"] = "sort: " + "9 8 7 6 5 4 3 2 1 0 " * 6 + "\n"
-    dataset = Dataset.from_list(rows)
-    long_prompt = tokenizer(text=rows[1]["prompt"])["input_ids"]
-    assert len(long_prompt) >= 40
-    with pytest.warns(UserWarning, match=r"dropped 1 pair\(s\) whose prompt fills max_length=40"):
-        pairs, kept, stats = prepare_pairs(tokenizer, dataset, max_length=40)
-    assert 1 not in kept and stats["dropped_prompt_too_long"] == 1
-    with pytest.warns(UserWarning, match=r"truncated 1 pair\(s\), cutting \d+ prompt token"):
-        pairs, kept, stats = prepare_pairs(tokenizer, dataset, max_length=40, max_prompt_length=30)
-    assert kept == list(range(6)) and stats["truncated"] == 1
-    cut = pairs[1]
-    assert stats["prompt_tokens_cut"] == len(long_prompt) - 30
-    assert cut["prompt_ids"] == long_prompt[-30:]  # the prompt keeps its end
-    assert len(cut["prompt_ids"]) + len(cut["chosen_ids"]) <= 40
+        run(Dataset.from_list(rows))
 
 
 @pytest.mark.parametrize(
@@ -398,18 +258,21 @@ def test_config_validation(field, value, message):
         TrainConfig(**{field: value})
 
 
-def test_too_few_pairs_for_a_batch(tokenizer):
+def test_too_few_pairs_for_a_batch(run):
     with pytest.raises(ValueError, match="fewer than batch_size=8"):
-        run(tokenizer, make_preference_dataset(5, seed=0))
+        run(make_preference_dataset(5, seed=0))
 
 
-def test_plot_helpers_draw_the_logged_series(tokenizer):
+def test_plot_helpers_draw_the_logged_series(run):
     import matplotlib.pyplot as plt
 
     from focalpo_mini.viz import plot_groups, plot_training
 
     dataset = make_preference_dataset(16, seed=0)
-    runs = {"dpo": run(tokenizer, dataset, loss="dpo"), "focalpo": run(tokenizer, dataset)}
+    runs = {
+        "dpo": run(dataset, loss="dpo"),
+        "focalpo": run(dataset),
+    }
     fig = plot_training(runs, ["loss", "groups/ref_correct/margin"], title="FocalPO vs DPO")
     lines = fig.axes[0].get_lines()
     assert [line.get_label() for line in lines] == ["dpo", "focalpo"]

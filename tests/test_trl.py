@@ -227,8 +227,8 @@ def _trl_gradients(tokenizer, dataset, gamma, detach_weight, tmp_path):
 def test_from_scratch_trainer_has_the_same_loss_and_gradients(
     tmp_path, tokenizer, dataset, gamma, detach_weight
 ):
-    from focalpo_mini.pairs import collate, prepare_pairs
-    from focalpo_mini.trainer import TrainConfig, batch_logps
+    from focalpo_mini.pairs import batch_logps, collate, prepare_pairs
+    from focalpo_mini.trainer import TrainConfig
     from focalpo_mini.trainer import preference_loss as scratch_loss
 
     _, trl_batch, trl_loss, trl_grads = _trl_gradients(

@@ -10,10 +10,11 @@ from focalpo_mini.losses import (
     preference_logits,
 )
 from focalpo_mini.metrics import preference_metrics
+from focalpo_mini.pairs import pair_logps
 from focalpo_mini.ranking import ranking_accuracy
 from focalpo_mini.sft import supervised_finetune
 from focalpo_mini.tiny import make_model, make_tokenizer
-from focalpo_mini.trainer import TrainConfig, TrainResult, pair_logps, train
+from focalpo_mini.trainer import TrainConfig, TrainResult, train
 
 __version__ = "0.1.0"
 

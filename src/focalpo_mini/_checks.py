@@ -87,3 +87,8 @@ def check_pair_logps(**logps: torch.Tensor) -> torch.dtype:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype a computation runs in: float32 for half-precision inputs, else the input's."""
     return torch.float32 if dtype in HALF_DTYPES else dtype
+
+
+def check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")

@@ -1,11 +1,14 @@
-"""Batch summaries of a preference step, under the names TRL's DPOTrainer logs."""
+"""Batch summaries of a preference step: TRL's DPOTrainer's names, and Chen et al.'s groups."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 
 from focalpo_mini._checks import check_number, check_pair_logps, compute_dtype
+from focalpo_mini.losses import preference_logits
 
 
 @torch.no_grad()
@@ -69,3 +72,28 @@ def preference_metrics(
     if gamma is not None:
         metrics["focal/weight_mean"] = torch.exp(gamma * F.logsigmoid(margins)).mean().item()
     return metrics
+
+
+@torch.no_grad()
+def group_metrics(
+    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta
+) -> dict[str, float]:
+    """Chen et al.'s groups: pairs the reference ranks correctly (log pi_ref(y_w) >=
+    log pi_ref(y_l)) or not. Per group: ``count``, ``reward_accuracy`` (z > 0), ``ranking_accuracy``
+    (log pi(y_w) >= log pi(y_l)) and mean ``margin`` (z); NaN for an empty group."""
+    z = preference_logits(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=beta
+    )
+    values = {
+        "reward_accuracy": (z > 0).float(),
+        "ranking_accuracy": (policy_chosen_logps >= policy_rejected_logps).float(),
+        "margin": z,
+    }
+    ref_correct = ref_chosen_logps >= ref_rejected_logps
+    out = {}
+    for group, mask in (("ref_correct", ref_correct), ("ref_incorrect", ~ref_correct)):
+        count = int(mask.sum())
+        out[f"groups/{group}/count"] = float(count)
+        for key, v in values.items():
+            out[f"groups/{group}/{key}"] = v[mask].mean().item() if count else math.nan
+    return out

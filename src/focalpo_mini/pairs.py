@@ -1,5 +1,6 @@
-"""Preference pairs as token ids: tokenised as TRL 1.16's DPOTrainer does, truncated, and collated
-into right-padded batches for :mod:`focalpo_mini.trainer` and :mod:`focalpo_mini.sft`.
+"""Preference pairs as token ids: tokenised as TRL 1.16's DPOTrainer does, truncated, collated
+into right-padded batches for :mod:`focalpo_mini.trainer` and :mod:`focalpo_mini.sft`, and scored
+(their completions' log-probs under a model, chosen and rejected in one forward pass).
 
 Truncation policy. A sequence is prompt + completion. If ``max_prompt_length`` is set, a longer
 prompt keeps its last ``max_prompt_length`` tokens (cut from the left: the prompt's end is next to
@@ -11,10 +12,13 @@ A pair whose prompt alone fills ``max_length`` has no completion token left and 
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 
 import torch
+
+from focalpo_mini.logprobs import sequence_logps
 
 REQUIRED_COLUMNS = ("prompt", "chosen", "rejected")
 
@@ -196,3 +200,56 @@ def _text(completion) -> str:
     if isinstance(completion, list):
         return "".join(str(m.get("content", "")) for m in completion)
     return completion
+
+
+# --- Log-probs of pairs under a model -------------------------------------------------------
+
+
+def batch_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs ``(chosen, rejected)``, each ``(B,)``, from ONE forward pass."""
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).logits
+    return sequence_logps(logits, batch["input_ids"], batch["completion_mask"]).chunk(2)
+
+
+def pair_logps(
+    model,
+    tokenizer,
+    dataset,
+    *,
+    max_length: int = 1024,
+    max_prompt_length: int | None = None,
+    batch_size: int = 32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs of every pair under ``model`` (eval mode, no gradients).
+
+    Returns ``(chosen, rejected)``, each ``(len(dataset),)`` in nats; NaN for a row that
+    :func:`prepare_pairs` skips (chosen == rejected, or prompt filling
+    ``max_length``).
+    """
+    pairs, rows, _ = prepare_pairs(
+        tokenizer, dataset, max_length=max_length, max_prompt_length=max_prompt_length
+    )
+    chosen, rejected = all_pair_logps(model, pairs, batch_size, pad_token_id(tokenizer))
+    out = torch.full((2, len(dataset)), math.nan, dtype=chosen.dtype)
+    out[:, rows] = torch.stack([chosen, rejected])
+    return out[0], out[1]
+
+
+def all_pair_logps(model, pairs, batch_size: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen and rejected log-probs of all pairs, in order, in eval mode with no autograd."""
+    was_training, device = model.training, next(model.parameters()).device
+    model.eval()
+    with torch.inference_mode():
+        parts = [
+            batch_logps(model, to_device(collate(pairs[i : i + batch_size], pad_id), device))
+            for i in range(0, len(pairs), batch_size)
+        ]
+    model.train(was_training)
+    # cloned outside inference mode, so autograd may use them as constants later
+    return tuple(torch.cat([p[k] for p in parts]).clone() for k in (0, 1))
+
+
+def to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}

@@ -8,8 +8,8 @@
    (:func:`~focalpo_mini.pairs.collate`), the loss from :mod:`focalpo_mini.losses`, AdamW with
    linear warm-up and decay, gradient accumulation and clipping.
 4. Log TRL's metric names, the mean focal weight and Chen et al.'s per-group metrics; evaluate on a
-   held-out split; checkpoint atomically, so that a resumed run repeats the uninterrupted one bit
-   for bit on a CPU.
+   held-out split; checkpoint atomically (:mod:`focalpo_mini.checkpoint`), so that a resumed run
+   repeats the uninterrupted one bit for bit on a CPU.
 """
 
 from __future__ import annotations
@@ -20,27 +20,22 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
-from focalpo_mini._checks import check_number
-from focalpo_mini.logprobs import sequence_logps
+from focalpo_mini import checkpoint
+from focalpo_mini._checks import check_flag, check_int, check_number
 from focalpo_mini.losses import dpo_loss, focalpo_loss, preference_logits
-from focalpo_mini.metrics import preference_metrics
-from focalpo_mini.pairs import collate, pad_token_id, prepare_pairs
-
-CHECKPOINT_NAME = "checkpoint.pt"
-# These change what is logged or saved, never the trajectory, so a resumed run may change them.
-# max_steps is not among them: it sets the learning-rate decay.
-RESUMABLE_FIELDS = (
-    "log_every",
-    "eval_every",
-    "checkpoint_dir",
-    "checkpoint_every",
-    "progress",
-    "record_eval_pairs",
+from focalpo_mini.metrics import group_metrics, preference_metrics
+from focalpo_mini.pairs import (
+    all_pair_logps,
+    batch_logps,
+    collate,
+    pad_token_id,
+    prepare_pairs,
+    to_device,
 )
 
 
@@ -85,20 +80,19 @@ class TrainConfig:
         if self.max_grad_norm is not None:
             check_number("max_grad_norm", self.max_grad_norm, minimum=0.0, inclusive=False)
         for name in ("batch_size", "grad_accum_steps", "max_steps", "max_length"):
-            _check_int(name, getattr(self, name), 1)
+            check_int(name, getattr(self, name), 1)
         for name in ("warmup_steps", "eval_every", "checkpoint_every", "seed"):
-            _check_int(name, getattr(self, name), 0)
-        _check_int("log_every", self.log_every, 1)
+            check_int(name, getattr(self, name), 0)
+        check_int("log_every", self.log_every, 1)
         if self.max_prompt_length is not None:
-            _check_int("max_prompt_length", self.max_prompt_length, 1)
+            check_int("max_prompt_length", self.max_prompt_length, 1)
             if self.max_prompt_length >= self.max_length:
                 raise ValueError(
                     f"max_prompt_length must be < max_length = {self.max_length}, "
                     f"got {self.max_prompt_length}"
                 )
         for name in ("detach_weight", "record_eval_pairs", "progress"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+            check_flag(name, getattr(self, name))
         if self.checkpoint_every and self.checkpoint_dir is None:
             raise ValueError("checkpoint_every > 0 needs a checkpoint_dir")
 
@@ -137,15 +131,7 @@ class TrainResult:
         return sorted({k for r in rows for k in r} - {"step"})
 
 
-# --- Log-probs, loss and metrics of a batch ---------------------------------------------------
-
-
-def batch_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed completion log-probs ``(chosen, rejected)``, each ``(B,)``, from ONE forward pass."""
-    logits = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    ).logits
-    return sequence_logps(logits, batch["input_ids"], batch["completion_mask"]).chunk(2)
+# --- The loss of a batch -------------------------------------------------------------------
 
 
 def preference_loss(
@@ -156,55 +142,6 @@ def preference_loss(
     chosen, rejected = batch_logps(model, batch)
     loss = _configured_loss(chosen, rejected, ref_chosen_logps, ref_rejected_logps, config)
     return loss, chosen, rejected
-
-
-@torch.no_grad()
-def group_metrics(
-    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta
-) -> dict[str, float]:
-    """Chen et al.'s groups: pairs the reference ranks correctly (log pi_ref(y_w) >=
-    log pi_ref(y_l)) or not. Per group: ``count``, ``reward_accuracy`` (z > 0), ``ranking_accuracy``
-    (log pi(y_w) >= log pi(y_l)) and mean ``margin`` (z); NaN for an empty group."""
-    z = preference_logits(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=beta
-    )
-    values = {
-        "reward_accuracy": (z > 0).float(),
-        "ranking_accuracy": (policy_chosen_logps >= policy_rejected_logps).float(),
-        "margin": z,
-    }
-    ref_correct = ref_chosen_logps >= ref_rejected_logps
-    out = {}
-    for group, mask in (("ref_correct", ref_correct), ("ref_incorrect", ~ref_correct)):
-        count = int(mask.sum())
-        out[f"groups/{group}/count"] = float(count)
-        for key, v in values.items():
-            out[f"groups/{group}/{key}"] = v[mask].mean().item() if count else math.nan
-    return out
-
-
-def pair_logps(
-    model,
-    tokenizer,
-    dataset,
-    *,
-    max_length: int = 1024,
-    max_prompt_length: int | None = None,
-    batch_size: int = 32,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed completion log-probs of every pair under ``model`` (eval mode, no gradients).
-
-    Returns ``(chosen, rejected)``, each ``(len(dataset),)`` in nats; NaN for a row that
-    :func:`~focalpo_mini.pairs.prepare_pairs` skips (chosen == rejected, or prompt filling
-    ``max_length``).
-    """
-    pairs, rows, _ = prepare_pairs(
-        tokenizer, dataset, max_length=max_length, max_prompt_length=max_prompt_length
-    )
-    chosen, rejected = _all_logps(model, pairs, batch_size, pad_token_id(tokenizer))
-    out = torch.full((2, len(dataset)), math.nan, dtype=chosen.dtype)
-    out[:, rows] = torch.stack([chosen, rejected])
-    return out[0], out[1]
 
 
 # --- The loop ---------------------------------------------------------------------------------
@@ -238,7 +175,7 @@ def train(
     The reference is ``model`` as given (or ``ref_model``, used once for the cache): its
     log-probs of every pair are computed before the first step and cached. ``resume_from`` is a
     checkpoint file or directory written by an earlier run with the same config (fields in
-    ``RESUMABLE_FIELDS`` may differ) and the same data.
+    ``checkpoint.RESUMABLE_FIELDS`` may differ) and the same data.
     """
     config = TrainConfig() if config is None else config
     if not isinstance(config, TrainConfig):
@@ -264,19 +201,21 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
     if resume_from is None:
         for split in splits.values():  # the reference: computed once, then only numbers are kept
-            split.ref_chosen, split.ref_rejected = _all_logps(
+            split.ref_chosen, split.ref_rejected = all_pair_logps(
                 model if ref_model is None else ref_model, split.pairs, config.batch_size, pad_id
             )
         del ref_model
         torch.manual_seed(config.seed)
-        run = _Progress(rng=_rng_state())
+        run = _Progress(rng=checkpoint.rng_state())
     else:
-        state = _load_checkpoint(resume_from, config, splits)
+        state = checkpoint.load(resume_from, config, {k: s.fingerprint for k, s in splits.items()})
+        for name, (_, ref_chosen, ref_rejected) in state["splits"].items():
+            splits[name].ref_chosen, splits[name].ref_rejected = ref_chosen, ref_rejected
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         run = _Progress(**state["progress"])
-        _set_rng_state(run.rng)
+        checkpoint.set_rng_state(run.rng)
 
     def evaluate() -> None:
         metrics, pairs = _evaluate(model, splits["eval"], config, pad_id)
@@ -295,10 +234,10 @@ def train(
                 "epoch": run.step * config.grad_accum_steps // per_epoch,
                 "batch": run.step * config.grad_accum_steps % per_epoch,
             },
-            "config": _config_record(config),
+            "config": checkpoint.config_record(config),
             "splits": {k: (s.fingerprint, s.ref_chosen, s.ref_rejected) for k, s in splits.items()},
         }
-        _atomic_save(state, os.path.join(config.checkpoint_dir, CHECKPOINT_NAME))
+        checkpoint.save(state, config.checkpoint_dir)
 
     per_epoch = len(train_split.pairs) // config.batch_size
     bar = tqdm(total=config.max_steps, initial=run.step, disable=not config.progress, desc="train")
@@ -313,7 +252,7 @@ def train(
                 idx = _batch_indices(
                     run.step * config.grad_accum_steps + micro, train_split, config
                 )
-                batch = _to(collate([train_split.pairs[i] for i in idx], pad_id), device)
+                batch = to_device(collate([train_split.pairs[i] for i in idx], pad_id), device)
                 ref = (
                     train_split.ref_chosen[idx].to(device),
                     train_split.ref_rejected[idx].to(device),
@@ -329,7 +268,7 @@ def train(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             # From here the step is complete: a checkpoint written now resumes after it.
-            run.step, run.rng = run.step + 1, _rng_state()
+            run.step, run.rng = run.step + 1, checkpoint.rng_state()
             run.pending.extend(records)
             if run.step % config.log_every == 0 or run.step == config.max_steps:
                 entry = _summarise(run.pending, config)
@@ -394,7 +333,7 @@ def _summarise(records: list[tuple[torch.Tensor, ...]], config: TrainConfig) -> 
 
 
 def _evaluate(model, split: _Split, config: TrainConfig, pad_id: int):
-    chosen, rejected = _all_logps(model, split.pairs, config.batch_size, pad_id)
+    chosen, rejected = all_pair_logps(model, split.pairs, config.batch_size, pad_id)
     ref = (split.ref_chosen, split.ref_rejected)
     with torch.no_grad():
         loss = _configured_loss(chosen, rejected, *ref, config)
@@ -425,24 +364,6 @@ def _configured_loss(chosen, rejected, ref_chosen, ref_rejected, config: TrainCo
     )
 
 
-def _all_logps(model, pairs, batch_size: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chosen and rejected log-probs of all pairs, in order, in eval mode with no autograd."""
-    was_training, device = model.training, next(model.parameters()).device
-    model.eval()
-    with torch.inference_mode():
-        parts = [
-            batch_logps(model, _to(collate(pairs[i : i + batch_size], pad_id), device))
-            for i in range(0, len(pairs), batch_size)
-        ]
-    model.train(was_training)
-    # cloned outside inference mode, so autograd may use them as constants later
-    return tuple(torch.cat([p[k] for p in parts]).clone() for k in (0, 1))
-
-
-def _to(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
-
-
 @functools.lru_cache(maxsize=2)
 def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -454,65 +375,3 @@ def _lr_factor(step: int, config: TrainConfig) -> float:
     if step < config.warmup_steps:
         return step / config.warmup_steps
     return max(0.0, (config.max_steps - step) / max(1, config.max_steps - config.warmup_steps))
-
-
-def _rng_state() -> dict[str, object]:
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, object]) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _config_record(config: TrainConfig) -> dict:
-    record = asdict(config)
-    if callable(config.loss):
-        named = config.loss if hasattr(config.loss, "__qualname__") else type(config.loss)
-        record["loss"] = f"{named.__module__}.{named.__qualname__}"
-    return record
-
-
-def _atomic_save(payload: dict, path: str) -> None:
-    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
-def _load_checkpoint(path, config: TrainConfig, splits: dict[str, _Split]) -> dict:
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, CHECKPOINT_NAME)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    saved, current = state["config"], _config_record(config)
-    differ = [
-        f"{f.name} (checkpoint {saved.get(f.name)!r}, now {current[f.name]!r})"
-        for f in fields(TrainConfig)
-        if f.name not in RESUMABLE_FIELDS and saved.get(f.name) != current[f.name]
-    ]
-    if differ:
-        raise ValueError(
-            f"checkpoint {path} was written with a different config: {', '.join(differ)}"
-        )
-    if set(state["splits"]) != set(splits):
-        raise ValueError(
-            f"checkpoint {path} has splits {sorted(state['splits'])}, now {sorted(splits)}"
-        )
-    for name, (fingerprint, ref_chosen, ref_rejected) in state["splits"].items():
-        if fingerprint != splits[name].fingerprint:
-            raise ValueError(
-                f"{name}_dataset differs from the one checkpoint {path} was written with"
-            )
-        splits[name].ref_chosen, splits[name].ref_rejected = ref_chosen, ref_rejected
-    return state
