@@ -40,21 +40,19 @@ import torch
 from datasets import Dataset
 from transformers import MistralConfig, MistralForCausalLM, TrainerCallback
 
-from focalpo_mini.memory import RECIPES, USABLE_FRACTION, memory_plan, parameter_count
+from focalpo_mini.memory import (
+    MISTRAL_7B_SHAPE,
+    RECIPES,
+    USABLE_FRACTION,
+    memory_plan,
+    parameter_count,
+)
 from focalpo_mini.recipes import RunSettings, lora_config, training_config
 from focalpo_mini.tiny import make_tokenizer
 from focalpo_mini.trl import FocalPOTrainer
 
 RESULTS = Path(__file__).parent / "results"
 
-MISTRAL_7B = dict(
-    vocab_size=32000,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-)
 TINY = dict(
     vocab_size=512,
     hidden_size=64,
@@ -266,7 +264,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     on_gpu = torch.cuda.is_available()
-    shape = MISTRAL_7B if on_gpu else TINY
+    shape = MISTRAL_7B_SHAPE if on_gpu else TINY
     fitting = recipes_that_fit(shape, args)
     recipes = [r for r in (args.recipes or RECIPES) if r in fitting]
     rows = [run_recipe(recipe, args, shape) for recipe in recipes]

@@ -8,6 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralFo
 from focalpo_mini.memory import (
     ALL_PROJECTIONS,
     GPUS,
+    MISTRAL_7B_SHAPE,
     USABLE_FRACTION,
     activation_bytes,
     fit_table,
@@ -20,15 +21,7 @@ from focalpo_mini.memory import (
     recipe_that_fits,
 )
 
-MISTRAL_7B = dict(
-    vocab_size=32000,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-)
-LLAMA_3_8B = dict(**{**MISTRAL_7B, "vocab_size": 128256}, tie_word_embeddings=False)
+LLAMA_3_8B = dict(**{**MISTRAL_7B_SHAPE, "vocab_size": 128256}, tie_word_embeddings=False)
 
 
 def _meta_count(model_cls, config) -> tuple[int, int]:
@@ -48,10 +41,10 @@ def _meta_count(model_cls, config) -> tuple[int, int]:
 @pytest.mark.parametrize(
     ("model_cls", "config"),
     [
-        (MistralForCausalLM, MistralConfig(**MISTRAL_7B)),
+        (MistralForCausalLM, MistralConfig(**MISTRAL_7B_SHAPE)),
         (LlamaForCausalLM, LlamaConfig(**LLAMA_3_8B)),
         (LlamaForCausalLM, LlamaConfig(**{**LLAMA_3_8B, "tie_word_embeddings": True})),
-        (LlamaForCausalLM, LlamaConfig(**MISTRAL_7B, attention_bias=True, mlp_bias=True)),
+        (LlamaForCausalLM, LlamaConfig(**MISTRAL_7B_SHAPE, attention_bias=True, mlp_bias=True)),
     ],
     ids=["mistral-7b", "llama-3-8b", "llama-tied", "llama-biases"],
 )
@@ -59,6 +52,13 @@ def test_parameter_counts_equal_transformers(model_cls, config):
     total, linear = _meta_count(model_cls, config)
     assert parameter_count(config) == total
     assert linear_parameter_count(config) == linear
+
+
+def test_the_shapes_are_the_released_models():
+    """7.24B and 8.03B parameters: the sizes the Hugging Face Hub lists for Mistral-7B-v0.1 and
+    Meta-Llama-3-8B."""
+    assert _meta_count(MistralForCausalLM, MistralConfig(**MISTRAL_7B_SHAPE))[0] == 7_241_732_096
+    assert _meta_count(LlamaForCausalLM, LlamaConfig(**LLAMA_3_8B))[0] == 8_030_261_248
 
 
 def _small_config(**overrides) -> LlamaConfig:
@@ -119,7 +119,7 @@ def test_activation_bytes_match_a_naive_count():
 
 
 def test_recipes_order_by_memory_and_sharding_divides_model_states():
-    config = MistralConfig(**MISTRAL_7B)
+    config = MistralConfig(**MISTRAL_7B_SHAPE)
     plans = {
         r: memory_plan(config, r, max_length=1024, batch_size=4) for r in ("qlora", "lora", "full")
     }
@@ -143,7 +143,7 @@ def test_recipes_order_by_memory_and_sharding_divides_model_states():
 
 
 def test_fit_table_agrees_with_fits_and_marks_missing_bf16():
-    config = MistralConfig(**MISTRAL_7B)
+    config = MistralConfig(**MISTRAL_7B_SHAPE)
     rows = fit_table(config, max_length=1024, batch_size=4)
     assert [row["recipe"] for row in rows] == ["qlora", "lora", "full", "full (8 GPUs)"]
     for row in rows:
@@ -155,7 +155,7 @@ def test_fit_table_agrees_with_fits_and_marks_missing_bf16():
 
 
 def test_recipe_that_fits_picks_the_largest_recipe():
-    config = MistralConfig(**MISTRAL_7B)
+    config = MistralConfig(**MISTRAL_7B_SHAPE)
     kwargs = dict(max_length=1024, batch_size=4)
     for memory in (16, 24, 40, 80, 1000):
         choice = recipe_that_fits(config, memory, **kwargs)

@@ -15,6 +15,18 @@ RECIPES = ("qlora", "lora", "full")
 # Linear layers of a Llama/Mistral decoder layer: LoRA "on all projections" targets all seven.
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
+# Mistral-7B's architecture: the published config.json of mistralai/Mistral-7B-v0.1, which
+# HuggingFaceH4/mistral-7b-sft-beta (the book's GPU model) fine-tunes without changing it.
+# ``transformers.MistralConfig(**MISTRAL_7B_SHAPE)`` builds it with no download.
+MISTRAL_7B_SHAPE = {
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+}
+
 # GPU name -> (memory in GB as sold, bf16 support). GB = 1e9 bytes, as the vendors count.
 GPUS = {
     "T4 16GB": (16, False),
