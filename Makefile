@@ -36,7 +36,18 @@ $(STAMP): requirements.txt pyproject.toml
 assets: $(STAMP)
 	$(BIN)/python scripts/vendor_assets.py
 
-book: assets
+# The execution cache is keyed on each notebook's own code, but the chapters also run the library and
+# read committed results. When any of those change, drop the cache and Sphinx's saved environment, so
+# that every chapter re-runs against them (on a fresh clone this only creates the stamp).
+NOTEBOOK_INPUTS := $(shell find src results benchmarks/results -type f \( -name '*.py' -o -name '*.json' \))
+EXECUTION_STAMP := _build/.notebook-inputs
+
+$(EXECUTION_STAMP): $(NOTEBOOK_INPUTS)
+	rm -rf _build/.jupyter_cache _build/.doctrees
+	mkdir -p _build
+	touch $@
+
+book: assets $(EXECUTION_STAMP)
 	$(BIN)/jupyter-book build . -W -n --keep-going
 	@echo "Book built: $(CURDIR)/_build/html/index.html"
 

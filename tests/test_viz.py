@@ -3,7 +3,10 @@ Stack of distinct frames that a slider drives through a browser-side link."""
 
 from __future__ import annotations
 
+import base64
+import html
 import math
+import re
 
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
@@ -28,17 +31,35 @@ def _child(box: widgets.VBox, kind: type) -> widgets.Widget:
     return found
 
 
-def test_static_explorer_has_one_image_per_gamma(explorer):
-    stack = _child(explorer, widgets.Stack)
-    assert len(stack.children) == len(GAMMAS)
-    assert all(isinstance(image, widgets.Image) for image in stack.children)
-    assert all(image.format == "png" and image.value[:4] == b"\x89PNG" for image in stack.children)
-    assert not any(image.tooltip for image in stack.children)  # a tooltip breaks the static view
+def _frames(explorer) -> list[tuple[bytes, str]]:
+    """Each frame's PNG bytes and alt text, read back from its HTML."""
+    frames = []
+    for child in _child(explorer, widgets.Stack).children:
+        assert isinstance(child, widgets.HTML)
+        (img,) = re.findall(r"<img [^>]*>", child.value)
+        data = re.search(r'src="data:image/png;base64,([^"]+)"', img).group(1)
+        frames.append((base64.b64decode(data), html.unescape(re.search(r'alt="([^"]*)"', img)[1])))
+    return frames
+
+
+def test_static_explorer_has_one_described_png_per_gamma(explorer):
+    frames = _frames(explorer)
+    assert len(frames) == len(GAMMAS)
+    assert all(png[:4] == b"\x89PNG" for png, _ in frames)
+    for gamma, (_, alt) in zip(GAMMAS, frames, strict=True):
+        assert alt == viz.explorer_frame_alt(gamma, beta=0.1)
+        assert f"γ = {gamma:g}" in alt
+
+
+def test_frame_alt_text_states_the_sign_flip():
+    assert "0.135" in viz.explorer_frame_alt(0.5, beta=0.1)  # e^-2
+    margin = math.log(math.exp(-0.5) / (1 - math.exp(-0.5))) / 0.1  # gamma = 2: logit(e^-1/2)/beta
+    assert f"{margin:.3g} nats" in viz.explorer_frame_alt(2.0, beta=0.1)
+    assert "coincide" in viz.explorer_frame_alt(0.0, beta=0.1)
 
 
 def test_static_explorer_frames_differ_between_gammas(explorer):
-    frames = [image.value for image in _child(explorer, widgets.Stack).children]
-    assert len(set(frames)) == len(GAMMAS)
+    assert len({png for png, _ in _frames(explorer)}) == len(GAMMAS)
 
 
 def test_static_explorer_slider_is_linked_to_the_stack(explorer):

@@ -6,6 +6,8 @@ colour blindness. Each loss keeps one colour throughout the book (``LOSS_COLORS`
 
 from __future__ import annotations
 
+import base64
+import html
 import io
 import math
 from collections.abc import Sequence
@@ -332,14 +334,33 @@ def explorer_frames(
     return frames
 
 
+def explorer_frame_alt(gamma: float, *, beta: float) -> str:
+    """The alt text of the explorer's frame for ``gamma``: what the figure shows, in words."""
+    if gamma == 0:
+        flip = "every loss is DPO at γ = 0, so all the curves coincide"
+    else:
+        p = math.exp(-1 / gamma)  # the sign flip; as a margin h = logit(p) / beta
+        flip = (
+            f"in-graph FocalPO turns negative below p = e^(-1/γ) = {p:.3g}, "
+            f"that is a margin h below {math.log(p / (1 - p)) / beta:.3g} nats"
+        )
+    return (
+        f"Gradient weight against the reward margin at γ = {gamma:g}, β = {beta:g}, for DPO, "
+        f"FocalPO with p^γ in the graph and detached, and the focal direction (1 - p)^γ; {flip}. "
+        "Bars: the mean weight per pair each loss puts on misranked and on correctly ranked pairs."
+    )
+
+
 def gamma_explorer_static(
     gammas: Sequence[float] = EXPLORER_GAMMAS, *, beta: float = 0.1, dpi: int = 80
 ) -> widgets.VBox:
     """A gamma slider that works on a static web page, with no kernel.
 
     Each gamma's figure is drawn in advance (:func:`explorer_frames`) and shown as an
-    ``ipywidgets.Image`` child of an ``ipywidgets.Stack``; a ``SelectionSlider`` picks the child
-    through ``jslink`` on its ``index``, a link the browser runs from the saved widget state.
+    ``<img>`` with alt text (:func:`explorer_frame_alt`) in an ``ipywidgets.HTML`` child of an
+    ``ipywidgets.Stack``; a ``SelectionSlider`` picks the child through ``jslink`` on its
+    ``index``, a link the browser runs from the saved widget state. (``ipywidgets.Image`` has no
+    alt text, and a ``tooltip`` on it stops html-manager 1.0 from drawing it at all.)
 
     Args:
         gammas: the frames' gammas, at least two, each ``>= 0``, distinct.
@@ -359,17 +380,15 @@ def gamma_explorer_static(
     beta = check_number("beta", beta, minimum=0.0, inclusive=False)
     width, height = 8 * dpi, round(4.5 * dpi)
     images = [
-        widgets.Image(
-            value=frame,
-            format="png",
-            width=width,
-            height=height,
-            layout=widgets.Layout(width="100%", max_width=f"{width}px", height="auto"),
+        widgets.HTML(
+            f'<img class="focalpo-explorer-frame" src="data:image/png;base64,'
+            f'{base64.b64encode(frame).decode("ascii")}" width="{width}" height="{height}" '
+            f'alt="{html.escape(explorer_frame_alt(g, beta=beta))}" '
+            'style="width: 100%; height: auto">',
+            layout=widgets.Layout(width="100%", max_width=f"{width}px"),
         )
         for g, frame in zip(gammas, explorer_frames(gammas, beta=beta, dpi=dpi), strict=True)
     ]
-    # No ``tooltip`` on the images: the browser's widget manager (html-manager 1.0) fails to draw an
-    # Image that has one, and the static page would show no figure at all.
     stack = widgets.Stack(children=images, selected_index=0)
     slider = widgets.SelectionSlider(
         options=[(f"{g:g}", g) for g in gammas],

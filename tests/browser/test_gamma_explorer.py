@@ -21,7 +21,7 @@ def _state(slider, output) -> dict:
         gamma = readout.first.inner_text().strip()
     else:
         gamma = slider.locator(".noUi-handle").first.get_attribute("aria-valuenow") or ""
-    frame = output.locator("img.widget-image:visible").first
+    frame = output.locator("img.focalpo-explorer-frame:visible").first
     frame.wait_for(state="visible", timeout=10_000)
     assert frame.evaluate("img => img.complete && img.naturalWidth > 0"), "γ frame did not load"
     return {
@@ -67,7 +67,7 @@ def test_gamma_explorer_changes_the_figure(browser, server):
     assert slider.count() >= 1, f"{EXPLORER_PAGE}: no slider labelled γ (widget state missing?)"
     slider = slider.first
     output = page.locator("div.cell_output").filter(has=slider).first
-    assert output.locator("img.widget-image:visible").count() == 1, (
+    assert output.locator("img.focalpo-explorer-frame:visible").count() == 1, (
         f"{EXPLORER_PAGE}: expected exactly one displayed frame next to the γ slider"
     )
 
