@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, fields
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from focalpo_mini.trainer import TrainConfig
 
 CHECKPOINT_NAME = "checkpoint.pt"
 # These change what is logged or saved, never the trajectory, so a resumed run may change them.
@@ -37,7 +41,7 @@ def save(state: dict, directory: str | os.PathLike) -> str:
     return path
 
 
-def load(path: str | os.PathLike, config, fingerprints: dict[str, str]) -> dict:
+def load(path: str | os.PathLike, config: TrainConfig, fingerprints: dict[str, str]) -> dict:
     """The state saved at ``path`` (a file, or a directory holding ``checkpoint.pt``).
 
     Raises ValueError, naming what differs, when the checkpoint was written under another config
@@ -70,7 +74,7 @@ def load(path: str | os.PathLike, config, fingerprints: dict[str, str]) -> dict:
     return state
 
 
-def config_record(config) -> dict:
+def config_record(config: TrainConfig) -> dict:
     """The config as a plain dict; a callable loss is recorded by its qualified name."""
     record = asdict(config)
     if callable(config.loss):
@@ -80,6 +84,7 @@ def config_record(config) -> dict:
 
 
 def rng_state() -> dict[str, object]:
+    """The CPU (and, when present, every CUDA device's) random-number-generator state."""
     state = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -87,6 +92,7 @@ def rng_state() -> dict[str, object]:
 
 
 def set_rng_state(state: dict[str, object]) -> None:
+    """Restore what :func:`rng_state` returned."""
     torch.set_rng_state(state["cpu"])
     if "cuda" in state:
         torch.cuda.set_rng_state_all(state["cuda"])
