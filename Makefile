@@ -37,17 +37,17 @@ assets: $(STAMP)
 	$(BIN)/python scripts/vendor_assets.py
 
 # The execution cache is keyed on each notebook's own code, but the chapters also run the library and
-# read committed results. When any of those change, drop the cache and Sphinx's saved environment, so
-# that every chapter re-runs against them (on a fresh clone this only creates the stamp).
-NOTEBOOK_INPUTS := $(shell find src results benchmarks/results -type f \( -name '*.py' -o -name '*.json' \))
-EXECUTION_STAMP := _build/.notebook-inputs
+# read committed results. When those change (by content, so a fresh checkout's new file times do not
+# count), drop the cache and Sphinx's saved environment, so that every chapter re-runs against them.
+NOTEBOOK_INPUTS = $(shell find src results benchmarks/results -type f \( -name '*.py' -o -name '*.json' \) | sort)
+INPUTS_STAMP := _build/.notebook-inputs
 
-$(EXECUTION_STAMP): $(NOTEBOOK_INPUTS)
-	rm -rf _build/.jupyter_cache _build/.doctrees
-	mkdir -p _build
-	touch $@
-
-book: assets $(EXECUTION_STAMP)
+book: assets
+	@hash=$$(cat $(NOTEBOOK_INPUTS) | sha256sum | cut -d' ' -f1); \
+	if [ "$$(cat $(INPUTS_STAMP) 2>/dev/null)" != "$$hash" ]; then \
+	  echo "library or results changed: every chapter will be executed"; \
+	  rm -rf _build/.jupyter_cache _build/.doctrees; mkdir -p _build; echo "$$hash" > $(INPUTS_STAMP); \
+	fi
 	$(BIN)/jupyter-book build . -W -n --keep-going
 	@echo "Book built: $(CURDIR)/_build/html/index.html"
 
