@@ -48,3 +48,65 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def trl_step_zero(tokenizer, tmp_path_factory):
+    """``trl_step_zero(dataset, beta=0.1)``: one step of TRL 1.16's own DPOTrainer on ``dataset``
+    as a single batch, policy seed 0 and reference seed 1 (so rewards are not all zero).
+
+    Returns the collated ``batch``, TRL's per-pair log-probs of the policy and the reference on
+    it before the step (``policy_chosen_logps``, ..., ``ref_rejected_logps``), and the metrics
+    TRL logged for the step (``logs``): the independent side of the TRL-equality tests.
+    """
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from focalpo_mini.tiny import make_model
+
+    class KeepLogs(TrainerCallback):
+        def __init__(self):
+            self.logs = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.logs.append(dict(logs))
+
+    def run(dataset, *, beta=0.1):
+        config = DPOConfig(
+            output_dir=str(tmp_path_factory.mktemp("dpo")),
+            beta=beta,
+            bf16=False,
+            activation_checkpointing=False,  # transformers 5 name of gradient_checkpointing
+            report_to=[],
+            max_steps=1,
+            logging_steps=1,
+            learning_rate=1e-7,
+            per_device_train_batch_size=len(dataset),
+            use_cpu=True,
+            save_strategy="no",
+            disable_tqdm=True,
+        )
+        keep_logs = KeepLogs()
+        trainer = DPOTrainer(
+            model=make_model(tokenizer, seed=0),
+            ref_model=make_model(tokenizer, seed=1),
+            args=config,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            callbacks=[keep_logs],
+        )
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(dataset))])
+        # TRL's own log-prob code, on the policy and on the reference, before the step.
+        policy = trainer.compute_ref_log_probs(trainer.model, batch)
+        ref = trainer.compute_ref_log_probs(trainer.ref_model, batch)
+        trainer.train()
+        return {
+            "batch": batch,
+            "policy_chosen_logps": policy[0],
+            "policy_rejected_logps": policy[1],
+            "ref_chosen_logps": ref[0],
+            "ref_rejected_logps": ref[1],
+            "logs": keep_logs.logs[0],
+        }
+
+    return run

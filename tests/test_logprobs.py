@@ -77,55 +77,10 @@ def test_half_logits_are_computed_and_returned_in_float32(dtype):
 
 
 @pytest.fixture(scope="module")
-def trl_step0(tokenizer, tmp_path_factory):
-    """A DPOTrainer on the tiny world, one collated batch of it, and what it logs on step 0.
+def trl_step0(trl_step_zero):
+    from focalpo_mini import make_preference_dataset
 
-    Policy and reference get different seeds, so the policy's logged log-probs are its own.
-    """
-    from transformers import TrainerCallback
-    from trl import DPOConfig, DPOTrainer
-
-    from focalpo_mini import make_model, make_preference_dataset
-
-    class KeepLogs(TrainerCallback):
-        def __init__(self):
-            self.logs = []
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            self.logs.append(dict(logs))
-
-    dataset = make_preference_dataset(6, seed=3)
-    config = DPOConfig(
-        output_dir=str(tmp_path_factory.mktemp("dpo")),
-        bf16=False,
-        activation_checkpointing=False,  # transformers 5 name of gradient_checkpointing
-        report_to=[],
-        max_steps=1,
-        logging_steps=1,
-        learning_rate=1e-7,
-        per_device_train_batch_size=len(dataset),
-        use_cpu=True,
-        save_strategy="no",
-        disable_tqdm=True,
-    )
-    keep_logs = KeepLogs()
-    trainer = DPOTrainer(
-        model=make_model(tokenizer, seed=0),
-        ref_model=make_model(tokenizer, seed=1),
-        args=config,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        callbacks=[keep_logs],
-    )
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(dataset))])
-    trl_ref_chosen, trl_ref_rejected = trainer.compute_ref_log_probs(trainer.ref_model, batch)
-    trainer.train()
-    return {
-        "batch": batch,
-        "ref_chosen_logps": trl_ref_chosen,
-        "ref_rejected_logps": trl_ref_rejected,
-        "logs": keep_logs.logs[0],
-    }
+    return trl_step_zero(make_preference_dataset(6, seed=3))
 
 
 def our_logps(tokenizer, seed, batch):

@@ -90,53 +90,16 @@ def test_does_not_track_gradients():
     assert all(t.grad is None for t in logps)
 
 
-def test_equals_trl_logged_step0_metrics(tokenizer, tmp_path):
+def test_equals_trl_logged_step0_metrics(trl_step_zero):
     """Fed TRL's own per-pair log-probs, our metrics equal what DPOTrainer logs on step 0."""
-    from transformers import TrainerCallback
-    from trl import DPOConfig, DPOTrainer
-
-    from focalpo_mini import make_model, make_preference_dataset
-
-    class KeepLogs(TrainerCallback):
-        def __init__(self):
-            self.logs = []
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            self.logs.append(dict(logs))
+    from focalpo_mini import make_preference_dataset
 
     beta = 0.5
-    dataset = make_preference_dataset(8, seed=5)
-    config = DPOConfig(
-        output_dir=str(tmp_path),
-        beta=beta,
-        bf16=False,
-        activation_checkpointing=False,  # transformers 5 name of gradient_checkpointing
-        report_to=[],
-        max_steps=1,
-        logging_steps=1,
-        learning_rate=1e-7,
-        per_device_train_batch_size=len(dataset),
-        use_cpu=True,
-        save_strategy="no",
-        disable_tqdm=True,
-    )
-    keep_logs = KeepLogs()
-    trainer = DPOTrainer(
-        model=make_model(tokenizer, seed=0),
-        ref_model=make_model(tokenizer, seed=1),  # a different reference: non-zero rewards
-        args=config,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        callbacks=[keep_logs],
-    )
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(dataset))])
-    # TRL's own log-prob code, run on the policy and on the reference before the step.
-    policy_chosen, policy_rejected = trainer.compute_ref_log_probs(trainer.model, batch)
-    ref_chosen, ref_rejected = trainer.compute_ref_log_probs(trainer.ref_model, batch)
-    trainer.train()
-
+    step = trl_step_zero(make_preference_dataset(8, seed=5), beta=beta)
+    policy_chosen, policy_rejected = step["policy_chosen_logps"], step["policy_rejected_logps"]
+    ref_chosen, ref_rejected = step["ref_chosen_logps"], step["ref_rejected_logps"]
     got = preference_metrics(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=beta)
-    logged = keep_logs.logs[0]
+    logged = step["logs"]
     assert 0.0 < logged["rewards/accuracies"] < 1.0  # the comparison below is not trivial
     for name in TRL_NAMES:
         assert got[name] == pytest.approx(logged[name], rel=1e-4, abs=1e-6), name
