@@ -225,8 +225,7 @@ def pair_logps(
     """Summed completion log-probs of every pair under ``model`` (eval mode, no gradients).
 
     Returns ``(chosen, rejected)``, each ``(len(dataset),)`` in nats; NaN for a row that
-    :func:`prepare_pairs` skips (chosen == rejected, or prompt filling
-    ``max_length``).
+    :func:`prepare_pairs` skips (chosen == rejected, or a prompt that fills ``max_length``).
     """
     pairs, rows, _ = prepare_pairs(
         tokenizer, dataset, max_length=max_length, max_prompt_length=max_prompt_length
@@ -238,7 +237,8 @@ def pair_logps(
 
 
 def all_pair_logps(model, pairs, batch_size: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chosen and rejected log-probs of all pairs, in order, in eval mode with no autograd."""
+    """Chosen and rejected log-probs, each ``(len(pairs),)``, of tokenised ``pairs`` (from
+    :func:`prepare_pairs`), in order, ``batch_size`` at a time, in eval mode without autograd."""
     was_training, device = model.training, next(model.parameters()).device
     model.eval()
     with torch.inference_mode():
@@ -252,4 +252,5 @@ def all_pair_logps(model, pairs, batch_size: int, pad_id: int) -> tuple[torch.Te
 
 
 def to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    """The batch with every tensor moved to ``device``."""
     return {k: v.to(device) for k, v in batch.items()}
