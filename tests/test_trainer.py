@@ -247,7 +247,7 @@ def test_empty_completion_names_the_row(conversational, run):
     [
         ("beta", 0.0, "beta must be"),
         ("gamma", -1.0, "gamma must be"),
-        ("loss", "ipo", "loss must be"),
+        ("loss", "kto", "loss must be"),
         ("batch_size", 0, "batch_size must be an integer >= 1"),
         ("max_prompt_length", 2000, "max_prompt_length must be < max_length"),
         ("checkpoint_every", 5, "needs a checkpoint_dir"),

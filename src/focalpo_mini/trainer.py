@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from focalpo_mini import checkpoint
 from focalpo_mini._checks import check_flag, check_int, check_number
+from focalpo_mini.baselines import conservative_dpo_loss, ipo_loss, robust_dpo_loss
 from focalpo_mini.losses import dpo_loss, focalpo_loss, preference_logits
 from focalpo_mini.metrics import group_metrics, preference_metrics
 from focalpo_mini.pairs import (
@@ -38,12 +39,16 @@ from focalpo_mini.pairs import (
     to_device,
 )
 
+LOSS_NAMES = ("focalpo", "dpo", "cdpo", "robust", "ipo")
+
 
 @dataclass
 class TrainConfig:
     """Hyperparameters of :func:`train`. The defaults suit the book's tiny world on a CPU.
 
-    ``loss`` is ``"focalpo"``, ``"dpo"`` or a callable with :func:`focalpo_loss`'s signature.
+    ``loss`` is ``"focalpo"``, ``"dpo"``, one of the noisy-label baselines of
+    :mod:`focalpo_mini.baselines` (``"cdpo"``, ``"robust"``, ``"ipo"``; the first two use
+    ``label_smoothing``), or a callable with :func:`focalpo_loss`'s signature.
     ``max_grad_norm=None`` turns clipping off. ``eval_every=0`` evaluates only before the first
     and after the last step. ``checkpoint_every=0`` checkpoints only on KeyboardInterrupt (when
     ``checkpoint_dir`` is set). ``record_eval_pairs`` keeps per-pair eval tensors.
@@ -53,6 +58,7 @@ class TrainConfig:
     loss: str | Callable[..., torch.Tensor] = "focalpo"
     gamma: float = 0.5
     detach_weight: bool = False
+    label_smoothing: float = 0.0
     learning_rate: float = 1e-4
     batch_size: int = 16
     grad_accum_steps: int = 1
@@ -71,8 +77,9 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if not (self.loss in ("dpo", "focalpo") or callable(self.loss)):
-            raise ValueError(f"loss must be 'dpo', 'focalpo' or a callable, got {self.loss!r}")
+        if not (self.loss in LOSS_NAMES or callable(self.loss)):
+            raise ValueError(f"loss must be one of {LOSS_NAMES} or a callable, got {self.loss!r}")
+        check_number("label_smoothing", self.label_smoothing, minimum=0.0, maximum=0.5)
         check_number("beta", self.beta, minimum=0.0, inclusive=False)
         check_number("gamma", self.gamma, minimum=0.0)
         check_number("learning_rate", self.learning_rate, minimum=0.0, inclusive=False)
@@ -140,7 +147,10 @@ def preference_loss(
     """One batch's loss (mean over pairs) and policy log-probs, as :func:`train` computes them:
     ``(loss, chosen_logps, rejected_logps)``. ``loss.backward()`` gives the step's gradient."""
     chosen, rejected = batch_logps(model, batch)
-    loss = _configured_loss(chosen, rejected, ref_chosen_logps, ref_rejected_logps, config)
+    lengths = batch["completion_mask"].sum(dim=1).chunk(2)
+    loss = _configured_loss(
+        chosen, rejected, ref_chosen_logps, ref_rejected_logps, config, lengths=lengths
+    )
     return loss, chosen, rejected
 
 
@@ -169,13 +179,16 @@ def train(
     config: TrainConfig | None = None,
     ref_model=None,
     resume_from: str | os.PathLike | None = None,
+    on_eval: Callable[[int, torch.nn.Module], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on preference pairs and return its metric history.
 
     The reference is ``model`` as given (or ``ref_model``, used once for the cache): its
     log-probs of every pair are computed before the first step and cached. ``resume_from`` is a
     checkpoint file or directory written by an earlier run with the same config (fields in
-    ``checkpoint.RESUMABLE_FIELDS`` may differ) and the same data.
+    ``checkpoint.RESUMABLE_FIELDS`` may differ) and the same data. ``on_eval(step, model)``, if
+    given, is called after each evaluation of the eval split (for measurements of your own, such
+    as generating answers); the model is put back in training mode after it returns.
     """
     config = TrainConfig() if config is None else config
     if not isinstance(config, TrainConfig):
@@ -222,6 +235,9 @@ def train(
         run.eval_history.append({"step": run.step, **metrics})
         if config.record_eval_pairs:
             run.eval_pairs.append({"step": run.step, **pairs})
+        if on_eval is not None:
+            on_eval(run.step, model)
+            model.train()
 
     def save() -> None:
         state = {
@@ -323,7 +339,7 @@ def _summarise(records: list[tuple[torch.Tensor, ...]], config: TrainConfig) -> 
     chosen, rejected, ref_chosen, ref_rejected = (
         torch.cat(t) for t in list(zip(*records, strict=True))[1:]
     )
-    gamma = 0.0 if config.loss == "dpo" else config.gamma
+    gamma = config.gamma if config.loss == "focalpo" or callable(config.loss) else 0.0
     logps = (chosen, rejected, ref_chosen, ref_rejected)
     return {
         "loss": loss,
@@ -335,8 +351,11 @@ def _summarise(records: list[tuple[torch.Tensor, ...]], config: TrainConfig) -> 
 def _evaluate(model, split: _Split, config: TrainConfig, pad_id: int):
     chosen, rejected = all_pair_logps(model, split.pairs, config.batch_size, pad_id)
     ref = (split.ref_chosen, split.ref_rejected)
+    lengths = tuple(
+        torch.tensor([len(p[k]) for p in split.pairs]) for k in ("chosen_ids", "rejected_ids")
+    )
     with torch.no_grad():
-        loss = _configured_loss(chosen, rejected, *ref, config)
+        loss = _configured_loss(chosen, rejected, *ref, config, lengths=lengths)
     metrics = _summarise([(loss, chosen, rejected, *ref)], config)
     z = preference_logits(chosen, rejected, *ref, beta=config.beta)
     pairs = {
@@ -350,10 +369,25 @@ def _evaluate(model, split: _Split, config: TrainConfig, pad_id: int):
     return metrics, pairs
 
 
-def _configured_loss(chosen, rejected, ref_chosen, ref_rejected, config: TrainConfig):
+def _configured_loss(chosen, rejected, ref_chosen, ref_rejected, config: TrainConfig, *, lengths):
+    """The mean loss of a batch; ``lengths`` = (chosen, rejected) completion token counts, (B,)."""
     logps = (chosen, rejected, ref_chosen, ref_rejected)
     if config.loss == "dpo":
         return dpo_loss(*logps, beta=config.beta)
+    if config.loss == "cdpo":
+        return conservative_dpo_loss(
+            *logps, beta=config.beta, label_smoothing=config.label_smoothing
+        )
+    if config.loss == "robust":
+        return robust_dpo_loss(*logps, beta=config.beta, label_smoothing=config.label_smoothing)
+    if config.loss == "ipo":
+        chosen_lengths, rejected_lengths = lengths
+        return ipo_loss(
+            *logps,
+            beta=config.beta,
+            chosen_lengths=chosen_lengths,
+            rejected_lengths=rejected_lengths,
+        )
     loss_fn = focalpo_loss if config.loss == "focalpo" else config.loss
     return loss_fn(
         *logps,

@@ -1,0 +1,143 @@
+"""The usual remedies for noisy preference labels, as baselines for FocalPO: cDPO, robust DPO, IPO.
+
+Each takes the four summed log-probs of a batch of pairs, like :func:`focalpo_mini.dpo_loss`, and
+is computed in log space. ``label_smoothing`` (written eps below) is the assumed probability that a
+pair's label is flipped; with z = beta * h from :func:`focalpo_mini.preference_logits`:
+
+- conservative DPO (Mitchell, 2023): -(1 - eps) log sigmoid(z) - eps log sigmoid(-z), the
+  cross-entropy against the soft label 1 - eps. Its gradient vanishes at p = 1 - eps instead of
+  p = 1, so no pair is pushed to an infinite margin.
+- robust DPO (Chowdhury et al., 2024):
+  [-(1 - eps) log sigmoid(z) + eps log sigmoid(-z)] / (1 - 2 eps),
+  an unbiased estimate of the clean-label DPO loss when labels flip with probability eps.
+- IPO (Azar et al., 2023): (h_bar - 1 / (2 beta))**2, a squared loss that pulls the length-averaged
+  log-ratio difference h_bar to a finite target instead of pushing it to infinity.
+
+The formulas are TRL 1.16's ``loss_type="robust"`` and ``"ipo"`` (IPO on log-probs averaged over
+completion tokens, as TRL does); TRL 1.16 has no cDPO (its ``"sigmoid"`` ignores
+``label_smoothing``), so cDPO is checked against ``binary_cross_entropy_with_logits`` instead.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from focalpo_mini._checks import check_number, check_reduction, check_same_shape
+from focalpo_mini.losses import _preference_logits, _reduce
+
+
+def conservative_dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    label_smoothing: float = 0.1,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Conservative DPO: DPO against the soft label ``1 - label_smoothing``.
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps: shape
+            ``(B,)``, summed completion log-probs.
+        beta: strength of the KL constraint, ``> 0``.
+        label_smoothing: assumed flip probability, in [0, 0.5]; 0 is DPO.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (shape ``(B,)``).
+
+    Returns:
+        The loss in the promoted dtype of the inputs (computed in float32 for half inputs).
+    """
+    eps = check_number("label_smoothing", label_smoothing, minimum=0.0, maximum=0.5)
+    check_reduction(reduction)
+    z, dtype = _preference_logits(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=beta
+    )
+    loss = -(1.0 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
+    return _reduce(loss, reduction).to(dtype)
+
+
+def robust_dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    label_smoothing: float = 0.1,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Robust DPO: the DPO loss de-biased for labels that flip with probability ``label_smoothing``.
+
+    The ``+ eps log sigmoid(-z)`` term has no lower bound, so unlike DPO the loss can go below 0.
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps: shape
+            ``(B,)``, summed completion log-probs.
+        beta: strength of the KL constraint, ``> 0``.
+        label_smoothing: assumed flip probability, in [0, 0.5) (TRL's range); 0 is DPO.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (shape ``(B,)``).
+
+    Returns:
+        The loss in the promoted dtype of the inputs (computed in float32 for half inputs).
+    """
+    eps = check_number("label_smoothing", label_smoothing, minimum=0.0, maximum=0.5)
+    if eps == 0.5:
+        raise ValueError("label_smoothing must be < 0.5 for robust DPO, got 0.5")
+    check_reduction(reduction)
+    z, dtype = _preference_logits(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=beta
+    )
+    loss = (-(1.0 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1.0 - 2.0 * eps)
+    return _reduce(loss, reduction).to(dtype)
+
+
+def ipo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+    beta: float = 0.1,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """IPO: the squared distance of the per-token log-ratio difference from ``1 / (2 beta)``.
+
+    ``h_bar = (log pi/pi_ref)(y_w) / len(y_w) - (log pi/pi_ref)(y_l) / len(y_l)``; here beta is
+    IPO's regulariser tau (a larger beta asks for a smaller margin).
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps: shape
+            ``(B,)``, summed completion log-probs.
+        chosen_lengths, rejected_lengths: shape ``(B,)``, the number of completion tokens of each
+            completion (lengths below 1 count as 1, as in TRL).
+        beta: IPO's regulariser, ``> 0``.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (shape ``(B,)``).
+
+    Returns:
+        The loss in the promoted dtype of the inputs (computed in float32 for half inputs).
+    """
+    beta = check_number("beta", beta, minimum=0.0, inclusive=False)
+    check_reduction(reduction)
+    _, dtype = _preference_logits(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=1.0
+    )
+    for name, lengths in (
+        ("chosen_lengths", chosen_lengths),
+        ("rejected_lengths", rejected_lengths),
+    ):
+        if not isinstance(lengths, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(lengths).__name__}")
+        check_same_shape("policy_chosen_logps", policy_chosen_logps, **{name: lengths})
+    compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    chosen = (policy_chosen_logps.to(compute) - ref_chosen_logps.to(compute)) / chosen_lengths.to(
+        compute
+    ).clamp(min=1.0)
+    rejected = (
+        policy_rejected_logps.to(compute) - ref_rejected_logps.to(compute)
+    ) / rejected_lengths.to(compute).clamp(min=1.0)
+    loss = (chosen - rejected - 1.0 / (2.0 * beta)) ** 2
+    return _reduce(loss, reduction).to(dtype)
