@@ -101,11 +101,11 @@ def test_check_idealized_ranking_accepts_a_right_answer(capsys):
     ("wrong", "hint"),
     [
         (lambda rc, rr, a, b: _log_odds(a) > 0, "reference term is missing"),
-        (lambda rc, rr, a, b: rc - rr > 0, "alpha is missing"),
+        (lambda rc, rr, a, b: rc - rr > 0, "rho is missing"),
         (lambda rc, rr, a, b: rc - rr + _log_odds(a) > 0, "exponent 1/beta is missing"),
         (lambda rc, rr, a, b: rc - rr + b * _log_odds(a) > 0, "not multiplied"),
         (lambda rc, rr, a, b: rr - rc + _log_odds(a) / b > 0, "reference ratio is upside down"),
-        (lambda rc, rr, a, b: rc - rr - _log_odds(a) / b > 0, "alpha/(1-alpha) is upside down"),
+        (lambda rc, rr, a, b: rc - rr - _log_odds(a) / b > 0, "rho/(1-rho) is upside down"),
         (lambda rc, rr, a, b: (rc - rr + _log_odds(a) / b).float(), "bool tensor"),
     ],
 )

@@ -1,8 +1,9 @@
 """Checkers for Part I: focal loss, Bradley-Terry reward models, and from RLHF to DPO.
 
-Each ``check_<name>(fn)`` calls the reader's ``fn`` on a few float64 inputs, extremes included, and
-compares it with a reference. When an answer is wrong, the checker evaluates the common wrong
-answers on the same input and names the one the reader's output matches; it never reads source code.
+Each ``check_<name>(fn)`` calls the reader's ``fn`` on fresh copies of a few float64 inputs,
+extremes included, and compares it with a reference. When an answer is wrong, the checker evaluates
+the common wrong answers on the same input and names the one the reader's output matches; it never
+reads source code.
 """
 
 from __future__ import annotations
@@ -13,7 +14,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from focalpo_mini.exercises._check import failed, passed
+from focalpo_mini.exercises._check import (
+    LOW_PRECISION,
+    call,
+    failed,
+    fresh,
+    low_precision_close,
+    passed,
+    precision_hint,
+    read_tensor,
+)
 
 _Case = tuple[str, tuple[Any, ...]]
 _Mistake = tuple[Callable[..., torch.Tensor], str]
@@ -32,6 +42,11 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and bool(torch.allclose(a, b, rtol=1e-4, atol=1e-6, equal_nan=True))
 
 
+def _matches(got: torch.Tensor, wrong: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether ``got`` equals ``wrong``, to the precision of the dtype it was computed in."""
+    return low_precision_close(got, wrong, dtype) if dtype in LOW_PRECISION else _close(got, wrong)
+
+
 def _show(x: torch.Tensor) -> str:
     return str([round(v, 6) for v in x.flatten().tolist()]) if x.dim() else f"{x.item():.6g}"
 
@@ -44,25 +59,30 @@ def _run(
     mistakes: Sequence[_Mistake],
     generic_hint: str,
 ) -> None:
-    """Compare ``fn`` with ``reference`` on every case; report the first failure with a hint."""
+    """Compare ``fn`` with ``reference`` on every case; report the first failure with a hint.
+
+    Every call (the reader's, the reference's, each mistake's) gets fresh copies of the inputs.
+    """
     for label, args in cases:
-        expected = reference(*args)
-        try:
-            raw = fn(*args)
-        except Exception as error:  # the reader's bug, reported with the input that triggered it
-            failed(name, label, _show(expected), f"{type(error).__name__}: {error}", generic_hint)
-        got = torch.as_tensor(raw).detach().to(torch.float64)
+        expected = reference(*fresh(args))
+        shown = _show(expected)
+        got, dtype = read_tensor(name, label, shown, call(name, label, shown, fn, *args))
         if got.shape != expected.shape:
             hint = f"return a tensor of shape {tuple(expected.shape)}, not {tuple(got.shape)}."
-            failed(name, label, _show(expected), _show(got), hint)
+            failed(name, label, shown, _show(got), hint)
         if _close(got, expected):
             continue
-        hint = next((h for wrong, h in mistakes if _close(got, wrong(*args))), None)
+        low = dtype in LOW_PRECISION
+        if low and low_precision_close(got, expected, dtype):
+            failed(name, label, shown, f"{_show(got)} ({dtype})", precision_hint(dtype))
+        hint = next((h for wrong, h in mistakes if _matches(got, wrong(*fresh(args)), dtype)), None)
         if hint is None:
             finite_expected = bool(torch.isfinite(expected).all())
             overflow = finite_expected and not bool(torch.isfinite(got).all())
             hint = _OVERFLOW_HINT if overflow else generic_hint
-        failed(name, label, _show(expected), _show(got), hint)
+        if low:
+            hint += f" (Your answer is also in {dtype}: compute in float64.)"
+        failed(name, label, shown, _show(got), hint)
     passed(name)
 
 
@@ -107,6 +127,16 @@ def check_balanced_cross_entropy(fn: Callable[..., torch.Tensor]) -> None:
         ),
         (lambda x, y, a: _balanced_ce(x, y, 0.5) * 2, "alpha_t is missing: multiply by alpha_t."),
         (
+            lambda x, y, a: _balanced_ce(x, y, 0.5) * 2 * a,
+            "you multiplied every example by alpha; alpha_t is alpha for positives (target 1) "
+            "and 1 - alpha for negatives (target 0).",
+        ),
+        (
+            lambda x, y, a: _balanced_ce(x, y, 0.5) * 2 * (1.0 - a),
+            "you multiplied every example by 1 - alpha; alpha_t is alpha for positives "
+            "(target 1) and 1 - alpha for negatives (target 0).",
+        ),
+        (
             lambda x, y, a: _balanced_ce(x, y, 1.0 - a),
             "alpha and 1 - alpha are swapped: alpha weights the positives (target 1).",
         ),
@@ -147,6 +177,11 @@ def check_focal_loss(fn: Callable[..., torch.Tensor]) -> None:
         (
             lambda x, y, g, a: _focal(x, y, g, 1.0 - a),
             "alpha and 1 - alpha are swapped: alpha weights the positives (target 1).",
+        ),
+        (
+            lambda x, y, g, a: _focal(x, y, g, 0.5) * 2 * a,
+            "you multiplied every example by alpha; alpha_t is alpha for positives (target 1) "
+            "and 1 - alpha for negatives (target 0).",
         ),
         (
             lambda x, y, g, a: (
