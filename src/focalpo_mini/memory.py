@@ -8,6 +8,8 @@ measurement: ``benchmarks/gpu_7b_step.py`` measures the real peak.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 RECIPES = ("qlora", "lora", "full")
@@ -27,14 +29,20 @@ MISTRAL_7B_SHAPE = {
     "num_key_value_heads": 8,
 }
 
-# GPU name -> (memory in GB as sold, bf16 support). GB = 1e9 bytes, as the vendors count.
+# GPU name -> (memory in GB as sold, CUDA compute capability). GB = 1e9 bytes, as the vendors
+# count. The capability decides the training dtype (see :func:`native_bf16`), not the memory.
 GPUS = {
-    "T4 16GB": (16, False),
-    "L4 24GB": (24, True),
-    "A100 40GB": (40, True),
-    "A100 80GB": (80, True),
-    "H100 80GB": (80, True),
+    "T4 16GB": (16, (7, 5)),
+    "L4 24GB": (24, (8, 9)),
+    "A100 40GB": (40, (8, 0)),
+    "A100 80GB": (80, (8, 0)),
+    "H100 80GB": (80, (9, 0)),
 }
+
+# Architectures whose decoder layer is the one counted here: seven projections, two RMSNorms.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# Config fields that mark a mixture-of-experts model, whose MLP this module does not count.
+_MOE_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")
 
 # Part of a GPU's memory a plan may use; the rest is left for the CUDA context, the allocator's
 # fragmentation and temporary buffers the plan does not count.
@@ -48,6 +56,29 @@ _FP32 = 4
 _NF4_BITS_PER_WEIGHT = 4 + 8 / 64 + 32 / (64 * 256)
 # AdamW keeps two fp32 moments per trainable parameter (the paged variant pages them, same size).
 _ADAM_BYTES = 2 * _FP32
+
+
+def native_bf16(capability: tuple[int, int]) -> bool:
+    """Whether a GPU of this CUDA compute capability computes in bf16 natively (Ampere, 8.0, on).
+
+    Older GPUs (a T4 is 7.5) only emulate bf16, without tensor cores, although
+    ``torch.cuda.is_bf16_supported()`` says True there by default (``including_emulation=True``).
+    """
+    if (
+        not isinstance(capability, tuple)
+        or len(capability) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in capability)
+    ):
+        raise TypeError(f"capability must be a (major, minor) tuple of ints, got {capability!r}")
+    return capability >= (8, 0)
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a positive int, got {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -96,6 +127,8 @@ def _shape(config) -> dict[str, int]:
         "kv_dim": kv_heads * head_dim,
         "tied": bool(getattr(config, "tie_word_embeddings", False)),
         "attention_bias": bool(getattr(config, "attention_bias", False)),
+        # Qwen2 always has biases on q, k and v (not o), with no config field for them.
+        "qkv_bias": getattr(config, "model_type", None) == "qwen2",
         "mlp_bias": bool(getattr(config, "mlp_bias", False)),
     }
 
@@ -116,12 +149,36 @@ def _projection_shapes(config) -> dict[str, tuple[int, int]]:
 
 
 def _check_config(config) -> None:
-    needed = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")
-    missing = [name for name in (*needed, "num_attention_heads") if not hasattr(config, name)]
+    """Refuse configs whose parameters this module would count wrongly."""
+    needed = (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+    )
+    missing = [name for name in needed if not hasattr(config, name)]
     if missing:
         raise TypeError(
             f"config must be a Llama/Mistral-style transformers config; missing {missing}"
         )
+    moe = [name for name in _MOE_FIELDS if getattr(config, name, None)]
+    if moe:
+        raise ValueError(
+            f"config is a mixture-of-experts model ({', '.join(moe)} set); this plan counts one "
+            f"dense MLP per layer and would undercount its experts: use a dense "
+            f"{'/'.join(SUPPORTED_MODEL_TYPES)} config"
+        )
+    model_type = getattr(config, "model_type", None)
+    if model_type is not None and model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"config.model_type must be one of {SUPPORTED_MODEL_TYPES}, got {model_type!r}"
+        )
+    for name in needed:
+        _positive_int(f"config.{name}", getattr(config, name))
+    for name in ("num_key_value_heads", "head_dim"):
+        if getattr(config, name, None) is not None:
+            _positive_int(f"config.{name}", getattr(config, name))
 
 
 def linear_parameter_count(config) -> int:
@@ -131,16 +188,20 @@ def linear_parameter_count(config) -> int:
     per_layer = sum(fan_in * fan_out for fan_in, fan_out in _projection_shapes(config).values())
     if s["attention_bias"]:
         per_layer += s["q_dim"] + 2 * s["kv_dim"] + s["hidden"]
+    elif s["qkv_bias"]:
+        per_layer += s["q_dim"] + 2 * s["kv_dim"]
     if s["mlp_bias"]:
         per_layer += 2 * s["intermediate"] + s["hidden"]
     return s["layers"] * per_layer
 
 
 def parameter_count(config) -> int:
-    """Total parameters of a Llama/Mistral-style ``*ForCausalLM`` built from ``config``.
+    """Total parameters of a Llama, Mistral or Qwen2 ``*ForCausalLM`` built from ``config``.
 
-    Embedding (V x H), per layer the seven projections and two RMSNorm weights (H each), the
-    final norm (H), and the LM head (H x V) unless it is tied to the embedding.
+    Embedding (V x H), per layer the seven projections (with their biases, if any) and two
+    RMSNorm weights (H each), the final norm (H), and the LM head (H x V) unless it is tied to
+    the embedding. Mixture-of-experts configs (Mixtral, Qwen2-MoE, ...) and other architectures
+    are refused with a ValueError rather than counted wrongly.
 
     >>> from transformers import MistralConfig
     >>> parameter_count(MistralConfig())  # Mistral-7B's shape
@@ -185,10 +246,9 @@ def activation_bytes(
     while it is recomputed. The fused LM head of TRL scores tokens in tiles, so the
     (tokens x vocab) logits never exist at once and are not counted.
     """
-    if max_length <= 0 or batch_size <= 0:
-        raise ValueError(
-            f"max_length and batch_size must be positive, got {max_length} and {batch_size}"
-        )
+    _positive_int("max_length", max_length)
+    _positive_int("batch_size", batch_size)
+    _check_config(config)
     s = _shape(config)
     h, kv, i = s["hidden"], s["kv_dim"], s["intermediate"]
     tokens = 2 * batch_size * max_length
@@ -214,15 +274,17 @@ def memory_plan(
     Recipes and their assumptions:
 
     - ``"qlora"``: linear layers in 4-bit NF4 with double quantisation; embedding, LM head and
-      norms in bf16. LoRA of rank ``lora_r`` on all seven projections; TRL 1.16 casts the adapter
-      of a quantised model to bf16, so its weights and gradients take 2 bytes each, and paged
-      AdamW keeps two fp32 moments. The reference is the base with the adapter switched off: no
-      second model.
-    - ``"lora"``: a bf16 base; the adapter in fp32 (PEFT upcasts it by default), fp32 gradients,
-      AdamW.
+      norms in 16 bits (bf16, or fp16 on a GPU without bf16). LoRA of rank ``lora_r`` on all
+      seven projections, in fp32 (TRL 1.16 casts it to bf16, and
+      :func:`focalpo_mini.recipes.build_trainer` casts it back: a bf16 adapter at lr 5e-6 barely
+      moves), fp32 gradients; paged AdamW keeps two fp32 moments. The reference is the base with
+      the adapter switched off: no second model.
+    - ``"lora"``: a 16-bit base; the adapter in fp32, fp32 gradients, fused AdamW (no extra copy
+      of the parameters at its step, unlike the default foreach implementation).
     - ``"full"``: fp32 weights and gradients with bf16 autocast, two fp32 AdamW moments: 16
       bytes per parameter, the same total as ZeRO's mixed-precision count (Rajbhandari et al.
-      2020), sharded over ``num_gpus`` (ZeRO-3 / FSDP full sharding). A live reference model
+      2020), sharded over ``num_gpus`` (ZeRO-3). Fused AdamW: the default foreach AdamW would add
+      about one more copy of the parameters at its step. A live reference model
       (same dtype as the policy) costs another 4 bytes per parameter, also sharded, unless its
       log-probs are precomputed before training, which is this book's default for the full
       recipe (``precompute_ref_log_probs=None`` means: True for ``"full"``; the LoRA recipes
@@ -244,8 +306,10 @@ def memory_plan(
     """
     if recipe not in RECIPES:
         raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
-    if not isinstance(num_gpus, int) or num_gpus < 1:
+    if isinstance(num_gpus, bool) or not isinstance(num_gpus, int) or num_gpus < 1:
         raise ValueError(f"num_gpus must be a positive integer, got {num_gpus!r}")
+    if not isinstance(gradient_checkpointing, bool):
+        raise TypeError(f"gradient_checkpointing must be a bool, got {gradient_checkpointing!r}")
     if recipe != "full" and num_gpus != 1:
         raise ValueError(f"num_gpus must be 1 for recipe {recipe!r} (one GPU), got {num_gpus}")
     total_params = parameter_count(config)
@@ -275,13 +339,12 @@ def memory_plan(
     else:
         base = total_params * _BF16
     adapter = lora_parameter_count(config, r=lora_r)
-    adapter_bytes = _BF16 if recipe == "qlora" else _FP32
     return MemoryPlan(
         recipe=recipe,
         num_gpus=1,
-        weights=(base + adapter * adapter_bytes) / _GB,
+        weights=(base + adapter * _FP32) / _GB,
         reference=0.0,
-        gradients=adapter * adapter_bytes / _GB,
+        gradients=adapter * _FP32 / _GB,
         optimizer=adapter * _ADAM_BYTES / _GB,
         activations=activations / _GB,
         trainable_params=adapter,
@@ -307,9 +370,8 @@ def fit_table(
     """One row per recipe: its :class:`MemoryPlan` parts in GB and, per GPU, whether it fits.
 
     The full recipe gets two rows: on one GPU, and sharded over ``full_num_gpus`` GPUs of the same
-    kind (the memory is per GPU).
-    A GPU without bf16 (the T4) is marked ``"no bf16"`` when the memory would fit, since every
-    recipe here computes in bf16.
+    kind (the memory is per GPU). A cell says only whether the memory fits (``"yes"`` or
+    ``"no"``); which dtype a GPU trains in is :func:`gpu_table`'s, a separate question.
     """
     rows = []
     for recipe, num_gpus in (("qlora", 1), ("lora", 1), ("full", 1), ("full", full_num_gpus)):
@@ -332,10 +394,29 @@ def fit_table(
             "activations": plan.activations,
             "total (GB/GPU)": plan.total,
         }
-        for gpu, (_, bf16) in GPUS.items():
-            row[gpu] = ("yes" if bf16 else "no bf16") if fits(plan, gpu) else "no"
+        for gpu in GPUS:
+            row[gpu] = "yes" if fits(plan, gpu) else "no"
         rows.append(row)
     return rows
+
+
+def gpu_table() -> list[dict]:
+    """One row per GPU of :data:`GPUS`: memory, compute capability, native bf16, training dtype.
+
+    The dtype is what :func:`focalpo_mini.recipes.compute_dtype` picks on that GPU: bf16 with
+    native support, fp16 (with a loss scaler) without. Every recipe's memory plan is the same
+    for both, since each is 2 bytes a value.
+    """
+    return [
+        {
+            "gpu": gpu,
+            "memory (GB)": memory,
+            "compute capability": f"{capability[0]}.{capability[1]}",
+            "native bf16": "yes" if native_bf16(capability) else "no",
+            "trains in": "bf16" if native_bf16(capability) else "fp16",
+        }
+        for gpu, (memory, capability) in GPUS.items()
+    ]
 
 
 def format_table(rows: list[dict]) -> str:
@@ -360,6 +441,10 @@ def recipe_that_fits(
 
     Tries ``"full"``, ``"lora"``, ``"qlora"`` in that order; None if none fits.
     """
+    if isinstance(gpu_memory_gb, bool) or not isinstance(gpu_memory_gb, numbers.Real):
+        raise TypeError(f"gpu_memory_gb must be a number of GB, got {gpu_memory_gb!r}")
+    if not math.isfinite(gpu_memory_gb) or gpu_memory_gb <= 0:
+        raise ValueError(f"gpu_memory_gb must be a finite number > 0, got {gpu_memory_gb}")
     for recipe in ("full", "lora", "qlora"):
         plan = memory_plan(
             config, recipe, max_length=max_length, batch_size=batch_size, lora_r=lora_r
