@@ -1,7 +1,7 @@
 """The tiny world's tokenizer and model: built locally from code, so nothing is downloaded.
 
 ``make_tokenizer()`` trains a byte-level BPE on the sorting task's text in about a second;
-``make_model(tokenizer)`` builds a seeded ~1M-parameter Llama from a config.
+``make_model(tokenizer)`` builds a seeded Llama of under 1M parameters from a config.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ def make_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
 
     Byte-level means every string round-trips exactly through encode/decode. The tokenizer has
     pad/bos/eos tokens and a chat template, so TRL accepts both plain and conversational data.
+    ``vocab_size`` is an upper bound: BPE stops adding merges when the corpus offers no more, so
+    the learned vocabulary can be smaller; ``len(tokenizer)`` is its true size.
     """
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise ValueError(
@@ -70,7 +72,8 @@ def make_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
 def make_model(
     tokenizer: PreTrainedTokenizerFast, *, seed: int = 0, **config_overrides
 ) -> LlamaForCausalLM:
-    """Build a small, seeded ``LlamaForCausalLM`` (about 0.8M parameters with the defaults).
+    """Build a small, seeded ``LlamaForCausalLM`` (under 1M parameters with the defaults and the
+    tiny world's tokenizer; ``model.num_parameters()`` gives the exact count).
 
     The same seed gives bit-identical weights; the global RNG is left untouched. Any field of
     ``LlamaConfig`` can be overridden, e.g. ``make_model(tok, num_hidden_layers=2)``.
