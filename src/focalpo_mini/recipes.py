@@ -389,6 +389,31 @@ def lora_config(settings: RunSettings) -> LoraConfig | None:
     )
 
 
+def device_arguments(recipe: str) -> dict:
+    """The training arguments that depend on the machine: mixed precision and the optimiser.
+
+    ``bf16``/``fp16`` follow :func:`compute_dtype`; ``use_cpu`` without CUDA. The optimiser is
+    paged AdamW for QLoRA on a GPU, fused AdamW for the other recipes on a GPU, and torch's
+    AdamW on a CPU.
+    """
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
+    dtype = compute_dtype()
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        optim = "adamw_torch"
+    elif recipe == "qlora":
+        optim = "paged_adamw_32bit"
+    else:
+        optim = "adamw_torch_fused"
+    return {
+        "bf16": dtype == torch.bfloat16,
+        "fp16": dtype == torch.float16,
+        "use_cpu": not on_gpu,
+        "optim": optim,
+    }
+
+
 def training_config(settings: RunSettings) -> FocalPOConfig:
     """The :class:`FocalPOConfig` for these settings (resolved first).
 
@@ -404,14 +429,6 @@ def training_config(settings: RunSettings) -> FocalPOConfig:
     if not isinstance(settings, RunSettings):
         raise TypeError(f"settings must be a RunSettings, got {type(settings).__name__}")
     settings = settings.resolved()
-    dtype = compute_dtype()
-    on_gpu = torch.cuda.is_available()
-    if not on_gpu:
-        optim = "adamw_torch"
-    elif settings.recipe == "qlora":
-        optim = "paged_adamw_32bit"
-    else:
-        optim = "adamw_torch_fused"
     return FocalPOConfig(
         output_dir=settings.output_dir,
         gamma=settings.gamma,
@@ -424,11 +441,8 @@ def training_config(settings: RunSettings) -> FocalPOConfig:
         max_steps=settings.max_steps,
         lr_scheduler_type="cosine",
         warmup_steps=settings.warmup_ratio,
-        optim=optim,
+        **device_arguments(settings.recipe),
         gradient_checkpointing=True,
-        bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16,
-        use_cpu=not on_gpu,
         precompute_ref_log_probs=settings.recipe == "full",
         # Every parameter of the LoRA recipes' adapter gets a gradient at every step: DDP need
         # not search the graph for unused ones (transformers' default does, with LoRA).
