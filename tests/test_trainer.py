@@ -8,6 +8,7 @@ import pytest
 import torch
 from datasets import Dataset
 
+from focalpo_mini.checkpoint import read as read_checkpoint
 from focalpo_mini.data import make_preference_dataset
 from focalpo_mini.losses import focalpo_loss
 from focalpo_mini.pairs import pair_logps
@@ -177,7 +178,7 @@ def test_interrupted_run_resumes_bit_identically(tokenizer, tmp_path, small_mode
     )
     with pytest.raises(KeyboardInterrupt):
         train(small_model(), tokenizer, dataset, config=interrupted)
-    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    checkpoint = read_checkpoint(tmp_path / "checkpoint.pt")
     assert checkpoint["progress"]["step"] == 5
     assert checkpoint["data_position"] == {"epoch": 3, "batch": 1}  # 10 micro-batches of 3 a epoch
     assert not list(tmp_path.glob("*.tmp"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -13,9 +14,14 @@ REDUCTIONS = ("mean", "sum", "none")
 def check_number(
     name: str, value: object, *, minimum: float, inclusive: bool = True, maximum: float = math.inf
 ) -> float:
-    """Return ``value`` as a float if it is a finite real number in the allowed range."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """Return ``value`` as a Python float if it is a finite real number in the allowed range.
+
+    Any real number is accepted (``int``, ``float``, NumPy scalars such as ``np.float32``), but
+    not ``bool`` or a string.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
     low_ok = value >= minimum if inclusive else value > minimum
     if not (math.isfinite(value) and low_ok and value <= maximum):
         bound = f">= {minimum}" if inclusive else f"> {minimum}"
@@ -58,8 +64,23 @@ def check_same_shape(reference_name: str, reference: torch.Tensor, **tensors: to
             )
 
 
+class NonFiniteError(ValueError):
+    """A tensor holds NaN or inf. The trainers catch it to skip a step instead of stopping."""
+
+
+def check_same_device(**tensors: torch.Tensor) -> None:
+    """All tensors on one device; the message names the first one that is elsewhere."""
+    (first_name, first), *others = tensors.items()
+    for name, tensor in others:
+        if tensor.device != first.device:
+            raise ValueError(
+                f"{name} is on {tensor.device}, expected {first.device} like {first_name}"
+            )
+
+
 def check_finite(**tensors: torch.Tensor) -> None:
-    """Reject NaN and inf, with one host sync for all tensors together.
+    """Reject NaN and inf (raising :class:`NonFiniteError`), with one host sync for all tensors
+    together; the tensors must be on one device (see :func:`check_same_device`).
 
     A tensor is finite iff its minimum and maximum are (``aminmax`` propagates NaN). That is one
     pass with no temporary tensor, an order of magnitude cheaper than ``isfinite(t).all()``.
@@ -68,7 +89,7 @@ def check_finite(**tensors: torch.Tensor) -> None:
     finite = torch.isfinite(extremes).all(dim=1)
     if not bool(finite.all()):
         bad = [name for name, ok in zip(tensors, finite.tolist(), strict=True) if not ok]
-        raise ValueError(f"{', '.join(bad)} must be finite, found NaN or inf")
+        raise NonFiniteError(f"{', '.join(bad)} must be finite, found NaN or inf")
 
 
 def check_pair_logps(**logps: torch.Tensor) -> torch.dtype:
@@ -77,6 +98,7 @@ def check_pair_logps(**logps: torch.Tensor) -> torch.dtype:
         check_float_tensor(name, tensor, ndim=1)
     (first_name, first), *others = logps.items()
     check_same_shape(first_name, first, **dict(others))
+    check_same_device(**logps)
     check_finite(**logps)
     dtype = first.dtype
     for _, tensor in others:
@@ -89,6 +111,13 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in HALF_DTYPES else dtype
 
 
-def check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+def check_int(name: str, value: object, minimum: int) -> int:
+    """Return ``value`` as a Python int if it is an integer (``int`` or a NumPy integer, not
+    ``bool``) of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"{name} must be an integer >= {minimum}, got {type(value).__name__} {value!r}"
+        )
+    if value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from focalpo_mini._checks import check_finite, check_flag, check_float_tensor, compute_dtype
+from focalpo_mini._checks import (
+    NonFiniteError,
+    check_flag,
+    check_float_tensor,
+    check_same_device,
+    compute_dtype,
+)
 
 
 def sequence_logps(
@@ -20,9 +26,11 @@ def sequence_logps(
     scored with ``log_softmax(logits[:, t-1])``. Only positions where ``completion_mask`` is 1
     count; the prompt and the padding are left out. This is what DPO calls log pi(y|x).
 
-    Labels outside the completion (prompt, padding, or the ignore label -100) are never read, so
-    they may hold anything; labels inside it must be valid token ids. Position 0 can never be a
-    completion token, since no logits predict it.
+    Only the completion positions are read. Labels outside the completion (prompt, padding, or
+    the ignore label -100) may hold anything, and so may the logits that would predict them (NaN
+    at padding positions is fine and gets no gradient); labels inside it must be valid token ids
+    (any integer dtype) and their logits finite. Position 0 can never be a completion token,
+    since no logits predict it.
 
     Computed in float32 for half-precision logits (float64 stays float64) and returned in that
     dtype, not cast back: a sum of many log-probs, later subtracted from the reference's, would
@@ -30,7 +38,8 @@ def sequence_logps(
 
     Args:
         logits: shape ``(B, T, V)``, the model's output for ``labels``, floating point.
-        labels: shape ``(B, T)``, integer token ids (usually the model's ``input_ids``).
+        labels: shape ``(B, T)``, integer token ids of any integer dtype (usually the model's
+            ``input_ids``).
         completion_mask: shape ``(B, T)``, 1 (or True) at completion tokens, 0 elsewhere; every
             row needs at least one completion token.
         average: return the mean log-prob per completion token instead of the sum (SimPO-style).
@@ -63,16 +72,18 @@ def sequence_logps(
     if not bool((counts > 0).all()):
         rows = torch.nonzero(counts == 0).flatten().tolist()
         raise ValueError(f"completion_mask has no completion token in row(s) {rows}")
-    targets = labels[:, 1:]
-    in_vocab = (targets >= 0) & (targets < vocab)
-    if not bool((in_vocab | ~mask).all()):
+    check_same_device(logits=logits, labels=labels, completion_mask=completion_mask)
+    targets = labels[:, 1:][mask].long()  # gather needs int64 indices
+    if not bool(((targets >= 0) & (targets < vocab)).all()):
         raise ValueError(f"labels at completion positions must be token ids in [0, {vocab})")
-    check_finite(logits=logits)
 
-    shifted = logits[:, :-1].to(compute_dtype(logits.dtype))
-    targets = targets.masked_fill(~mask, 0)  # any valid index; these positions are zeroed below
-    token_logps = shifted.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - shifted.logsumexp(-1)
-    total = token_logps.masked_fill(~mask, 0.0).sum(dim=1)
+    # Only the completion positions: (N, V) rows of logits, N = number of completion tokens.
+    scored = logits[:, :-1][mask].to(compute_dtype(logits.dtype))
+    if not bool(torch.isfinite(torch.stack(torch.aminmax(scored))).all()):  # NaN propagates
+        raise NonFiniteError("logits must be finite at completion positions, found NaN or inf")
+    token_logps = scored.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - scored.logsumexp(-1)
+    per_position = torch.zeros(mask.shape, dtype=token_logps.dtype, device=mask.device)
+    total = per_position.masked_scatter(mask, token_logps).sum(dim=1)
     return total / counts if average else total
 
 

@@ -1,22 +1,35 @@
 """Focal loss, DPO and FocalPO, and the gradient weight each loss puts on a preference pair.
 
 Every loss is computed in log space (``log p = logsigmoid(z)``, ``p**gamma = exp(gamma * log p)``),
-so it stays finite for any logit. Half-precision inputs are computed in float32 and the result is
-returned in the input dtype; float32 and float64 inputs are computed in their own dtype.
+so it stays finite for any logit.
+
+Dtypes. Half-precision inputs (float16, bfloat16) are computed in float32, and every result,
+reductions included, is returned in float32: a float16 sum of 200 pair losses of 400 nats each
+already exceeds float16's largest value, 65504. float32 and float64 inputs are computed and
+returned in their own dtype.
+
+Range. A finite input can still overflow: the logit z = beta * h is refused with a ValueError
+naming ``beta`` and the log-probs when it is not finite in the compute dtype (log-probs near
+float32's limit of 3.4e38, or beta = 1e39), and ``gamma`` must not exceed the compute dtype's
+largest value, so that every loss and its gradient are finite.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
 
 from focalpo_mini._checks import (
+    NonFiniteError,
     check_finite,
     check_flag,
     check_float_tensor,
     check_number,
     check_pair_logps,
     check_reduction,
+    check_same_device,
     check_same_shape,
     compute_dtype,
 )
@@ -50,7 +63,8 @@ def focal_loss(
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (shape ``(*)``).
 
     Returns:
-        The loss in ``logits.dtype``: a scalar, or shape ``(*)`` for ``reduction="none"``.
+        The loss in ``logits.dtype`` (float32 for half-precision logits): a scalar, or shape
+        ``(*)`` for ``reduction="none"``.
 
     Raises:
         TypeError, ValueError: for a bad argument; the message names it.
@@ -63,11 +77,14 @@ def focal_loss(
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
     check_same_shape("logits", logits, targets=targets)
+    check_same_device(logits=logits, targets=targets)
     check_finite(logits=logits)
     if not bool(((targets == 0) | (targets == 1)).all()):
         raise ValueError("targets must hold only 0 and 1")
 
-    x = logits.to(compute_dtype(logits.dtype))
+    dtype = compute_dtype(logits.dtype)
+    _check_gamma_fits(gamma, dtype)
+    x = logits.to(dtype)
     positive = targets.bool()
     # log p_t = logsigmoid(s) and log(1 - p_t) = logsigmoid(-s), with s = x for positives, -x else.
     s = torch.where(positive, x, -x)
@@ -75,7 +92,7 @@ def focal_loss(
     if alpha is not None:
         t = positive.to(x.dtype)
         loss = (alpha * t + (1.0 - alpha) * (1.0 - t)) * loss
-    return _reduce(loss, reduction).to(logits.dtype)
+    return _reduce(loss, reduction)
 
 
 def preference_logits(
@@ -98,15 +115,16 @@ def preference_logits(
         beta: strength of the KL constraint, ``> 0``.
 
     Returns:
-        z, shape ``(B,)``, in the promoted dtype of the inputs.
+        z, shape ``(B,)``, in the promoted dtype of the inputs (float32 for half precision).
 
     Raises:
-        TypeError, ValueError: for a bad argument; the message names it.
+        TypeError, ValueError: for a bad argument, or a z that is not finite; the message names
+            the argument.
     """
-    z, dtype = _preference_logits(
+    z, _ = _preference_logits(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=beta
     )
-    return z.to(dtype)
+    return z
 
 
 def dpo_loss(
@@ -127,16 +145,17 @@ def dpo_loss(
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (one loss per pair, shape ``(B,)``).
 
     Returns:
-        The loss, a scalar or shape ``(B,)``, in the promoted dtype of the inputs.
+        The loss, a scalar or shape ``(B,)``, in the promoted dtype of the inputs (float32 for
+        half precision).
 
     Raises:
         TypeError, ValueError: for a bad argument; the message names it.
     """
     check_reduction(reduction)
-    z, dtype = _preference_logits(
+    z, _ = _preference_logits(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=beta
     )
-    return (-_reduce(F.logsigmoid(z), reduction)).to(dtype)  # negate after reducing: one pass less
+    return -_reduce(F.logsigmoid(z), reduction)  # negate after reducing: one pass less
 
 
 def focalpo_loss(
@@ -172,12 +191,14 @@ def focalpo_loss(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps: shape
             ``(B,)``, summed completion log-probs.
         beta: strength of the KL constraint, ``> 0``.
-        gamma: exponent of the modulating factor p**gamma, ``>= 0``.
+        gamma: exponent of the modulating factor p**gamma, ``>= 0`` and at most the compute
+            dtype's largest value (3.4e38 for float32).
         detach_weight: treat p**gamma as a constant in the backward pass.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (one loss per pair, shape ``(B,)``).
 
     Returns:
-        The loss, a scalar or shape ``(B,)``, in the promoted dtype of the inputs.
+        The loss, a scalar or shape ``(B,)``, in the promoted dtype of the inputs (float32 for
+        half precision).
 
     Raises:
         TypeError, ValueError: for a bad argument; the message names it.
@@ -185,14 +206,15 @@ def focalpo_loss(
     gamma = check_number("gamma", gamma, minimum=0.0)
     check_flag("detach_weight", detach_weight)
     check_reduction(reduction)
-    z, dtype = _preference_logits(
+    z, _ = _preference_logits(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=beta
     )
+    _check_gamma_fits(gamma, z.dtype)
     log_p = F.logsigmoid(z)
     weight = torch.exp(gamma * log_p)
     if detach_weight:
         weight = weight.detach()
-    return (-_reduce(weight * log_p, reduction)).to(dtype)  # negate after reducing: one pass less
+    return -_reduce(weight * log_p, reduction)  # negate after reducing: one pass less
 
 
 def gradient_weight(
@@ -219,7 +241,7 @@ def gradient_weight(
         detach_weight: the weight of the detached-factor loss instead of the in-graph one.
 
     Returns:
-        w(z), shape ``(*)``, in ``z.dtype``.
+        w(z), shape ``(*)``, in ``z.dtype`` (float32 for half precision).
 
     Raises:
         TypeError, ValueError: for a bad argument; the message names it.
@@ -228,12 +250,15 @@ def gradient_weight(
     check_flag("detach_weight", detach_weight)
     check_float_tensor("z", z)
     check_finite(z=z)
-    x = z.to(compute_dtype(z.dtype))
+    dtype = compute_dtype(z.dtype)
+    _check_gamma_fits(gamma, dtype)
+    x = z.to(dtype)
     log_p = F.logsigmoid(x)
     weight = torch.exp(gamma * log_p + F.logsigmoid(-x))
     if not detach_weight:
-        weight = weight * (1.0 + gamma * log_p)
-    return weight.to(z.dtype)
+        # Where p**gamma underflows to 0, 1 + gamma log p may be -inf: the product is 0, not NaN.
+        weight = torch.where(weight > 0, weight * (1.0 + gamma * log_p), 0.0)
+    return weight
 
 
 def _preference_logits(
@@ -244,19 +269,50 @@ def _preference_logits(
     *,
     beta: float,
 ) -> tuple[torch.Tensor, torch.dtype]:
-    """Validate the inputs; return z in the dtype the losses compute in (float32 for half
-    inputs) and the inputs' promoted dtype, which the losses return."""
+    """Validate the inputs; return z and the dtype the losses compute and return in (float32
+    for half inputs, the inputs' promoted dtype otherwise).
+
+    Reference log-probs that require grad get a warning: the losses treat the reference as a
+    constant, and a gradient flowing into it (a reference computed without ``torch.no_grad()``,
+    or the policy itself) trains something that should stay fixed. Detach them to silence it.
+    """
     beta = check_number("beta", beta, minimum=0.0, inclusive=False)
-    input_dtype = check_pair_logps(
-        policy_chosen_logps=policy_chosen_logps,
-        policy_rejected_logps=policy_rejected_logps,
-        ref_chosen_logps=ref_chosen_logps,
-        ref_rejected_logps=ref_rejected_logps,
+    dtype = compute_dtype(
+        check_pair_logps(
+            policy_chosen_logps=policy_chosen_logps,
+            policy_rejected_logps=policy_rejected_logps,
+            ref_chosen_logps=ref_chosen_logps,
+            ref_rejected_logps=ref_rejected_logps,
+        )
     )
-    dtype = compute_dtype(input_dtype)
+    for name, ref in (
+        ("ref_chosen_logps", ref_chosen_logps),
+        ("ref_rejected_logps", ref_rejected_logps),
+    ):
+        if ref.requires_grad:
+            warnings.warn(
+                f"{name} requires grad, so the loss sends gradients into the reference; "
+                "pass ref.detach() if the reference is meant to stay fixed",
+                stacklevel=3,
+            )
     chosen_logratios = policy_chosen_logps.to(dtype) - ref_chosen_logps.to(dtype)
     rejected_logratios = policy_rejected_logps.to(dtype) - ref_rejected_logps.to(dtype)
-    return beta * (chosen_logratios - rejected_logratios), input_dtype
+    z = beta * (chosen_logratios - rejected_logratios)
+    finite = torch.isfinite(z)
+    if not bool(finite.all()):
+        rows = torch.nonzero(~finite).flatten()[:10].tolist()
+        raise NonFiniteError(
+            f"z = beta * h overflows {dtype} in pair(s) {rows}, with beta = {beta} and "
+            "h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - "
+            f"ref_rejected_logps); |beta * h| must stay below {torch.finfo(dtype).max:.3g}"
+        )
+    return z, dtype
+
+
+def _check_gamma_fits(gamma: float, dtype: torch.dtype) -> None:
+    """A gamma beyond the dtype's range becomes inf in ``gamma * log p``, and 0 * inf = NaN in
+    the gradient."""
+    check_number("gamma", gamma, minimum=0.0, maximum=torch.finfo(dtype).max)
 
 
 def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:

@@ -8,19 +8,26 @@ the completion). Then a sequence longer than ``max_length`` loses completion tok
 A pair whose prompt alone fills ``max_length`` has no completion token left and is dropped. With
 ``max_prompt_length=None`` this is TRL 1.16's ``truncation_mode="keep_start"`` exactly.
 :func:`prepare_pairs` counts every cut and warns with the counts.
+
+Degenerate pairs. A pair whose chosen and rejected token ids are the same once tokenised and
+truncated (the same text; ``"1 2 3"`` against ``"1 2 3<|eos|>"``, since eos is appended; or two
+completions that share a prefix longer than the room ``max_length`` leaves) has a loss gradient of
+exactly 0: it is skipped and counted, with a warning that gives the share.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
+from focalpo_mini._checks import check_int, compute_dtype
 from focalpo_mini.logprobs import sequence_logps
 
 REQUIRED_COLUMNS = ("prompt", "chosen", "rejected")
+MESSAGE_KEYS = ("role", "content")
 
 
 def tokenize_pair(tokenizer, example: dict) -> dict[str, list[int]]:
@@ -62,8 +69,15 @@ def prepare_pairs(
 ) -> tuple[list[dict[str, list[int]]], list[int], dict[str, int]]:
     """Validate, tokenise and truncate a preference dataset (the module docstring has the policy).
 
-    Raises ValueError if a column is missing or a completion is empty (naming the row). Warns, with
-    counts, about pairs skipped because chosen == rejected and about truncation.
+    ``dataset`` is a ``datasets.Dataset``, a list of row dicts, a dict of column lists or a pandas
+    DataFrame. Each row holds ``prompt``, ``chosen`` and ``rejected``: three strings, or three
+    lists of ``{"role", "content"}`` messages.
+
+    Raises TypeError or ValueError, naming the row, for a missing column, a value that is neither
+    text nor messages, a row mixing the two forms, a message without ``role``/``content``, an
+    empty completion, or a prompt that tokenises to nothing. Warns, with counts, about pairs
+    skipped because chosen and rejected are the same (as text or as truncated token ids) and
+    about truncation.
 
     Returns:
         ``(pairs, rows, stats)``: the kept pairs (dicts of ``prompt_ids``/``chosen_ids``/
@@ -71,10 +85,10 @@ def prepare_pairs(
         ``truncated``, ``dropped_prompt_too_long``, ``prompt_tokens_cut``,
         ``completion_tokens_cut``.
     """
-    columns = list(getattr(dataset, "column_names", None) or (dataset[0] if len(dataset) else []))
-    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-    if missing:
-        raise ValueError(f"{name} is missing column(s) {missing}; found columns {columns}")
+    check_int("max_length", max_length, 1)
+    if max_prompt_length is not None:
+        check_int("max_prompt_length", max_prompt_length, 1)
+    examples = _rows(dataset, name)
     stats = dict.fromkeys(
         (
             "pairs",
@@ -87,21 +101,34 @@ def prepare_pairs(
         0,
     )
     pairs, rows = [], []
-    for i, example in enumerate(dataset):
-        for column in ("chosen", "rejected"):
-            if not _text(example[column]).strip():
-                raise ValueError(f"{name} row {i}: the {column} completion is empty")
+    for i, example in enumerate(examples):
+        check_example(example, f"{name} row {i}")
         if example["chosen"] == example["rejected"]:
             stats["identical_skipped"] += 1
             continue
-        pair = _truncate(tokenize_pair(tokenizer, example), max_length, max_prompt_length, stats)
-        if pair is not None:
-            pairs.append(pair)
-            rows.append(i)
+        tokenized = tokenize_pair(tokenizer, example)
+        if not tokenized["prompt_ids"]:
+            raise ValueError(
+                f"{name} row {i}: the prompt tokenises to no token, so nothing predicts the "
+                "first completion token (this tokenizer adds no BOS token); give every pair a "
+                "non-empty prompt"
+            )
+        pair = _truncate(tokenized, max_length, max_prompt_length, stats)
+        if pair is None:
+            continue
+        if pair["chosen_ids"] == pair["rejected_ids"]:  # the same tokens: a gradient of 0
+            stats["identical_skipped"] += 1
+            continue
+        pairs.append(pair)
+        rows.append(i)
     stats["pairs"] = len(pairs)
     if stats["identical_skipped"]:
+        share = stats["identical_skipped"] / len(examples)
         warnings.warn(
-            f"{name}: skipped {stats['identical_skipped']} pair(s) with chosen == rejected",
+            f"{name}: skipped {stats['identical_skipped']} pair(s) of {len(examples)} "
+            f"({share:.0%}) with chosen == rejected, as text or as token ids after "
+            f"tokenisation and truncation to max_length={max_length}"
+            + ("; check the data and max_length" if share >= 0.1 else ""),
             stacklevel=2,
         )
     if stats["truncated"] or stats["dropped_prompt_too_long"]:
@@ -113,6 +140,42 @@ def prepare_pairs(
             stacklevel=2,
         )
     return pairs, rows, stats
+
+
+def check_example(example, where: str) -> None:
+    """Raise TypeError or ValueError, starting with ``where`` (e.g. ``"train_dataset row 3"``),
+    unless ``example`` is a preference row: ``prompt``, ``chosen`` and ``rejected`` all strings,
+    or all lists of ``{"role", "content"}`` messages, with non-empty completions."""
+    if not isinstance(example, Mapping):
+        raise TypeError(
+            f"{where} is a {type(example).__name__}; expected a dict with columns "
+            f"{list(REQUIRED_COLUMNS)}"
+        )
+    missing = [c for c in REQUIRED_COLUMNS if c not in example]
+    if missing:
+        raise ValueError(f"{where} is missing column(s) {missing}; found columns {list(example)}")
+    kinds = {}
+    for column in REQUIRED_COLUMNS:
+        value = example[column]
+        if isinstance(value, str):
+            kinds[column] = "a string"
+        elif isinstance(value, list):
+            kinds[column] = "a list of messages"
+            _check_messages(value, f"{where}: {column}")
+        else:
+            raise TypeError(
+                f"{where}: {column} must be a string or a list of {{'role', 'content'}} "
+                f"messages, got {type(value).__name__} {value!r}"
+            )
+    if len(set(kinds.values())) > 1:
+        found = ", ".join(f"{c} is {k}" for c, k in kinds.items())
+        raise ValueError(
+            f"{where} mixes plain and conversational fields ({found}); use three strings or "
+            "three lists of messages"
+        )
+    for column in ("chosen", "rejected"):
+        if not _text(example[column]).strip():
+            raise ValueError(f"{where}: the {column} completion is empty")
 
 
 def collate_completions(rows: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -198,8 +261,46 @@ def _truncate(pair, max_length: int, max_prompt_length: int | None, stats: dict)
 
 def _text(completion) -> str:
     if isinstance(completion, list):
-        return "".join(str(m.get("content", "")) for m in completion)
+        return "".join(m["content"] for m in completion)
     return completion
+
+
+def _check_messages(messages: list, where: str) -> None:
+    for j, message in enumerate(messages):
+        if not isinstance(message, Mapping) or set(MESSAGE_KEYS) - set(message):
+            keys = sorted(message) if isinstance(message, Mapping) else type(message).__name__
+            raise ValueError(
+                f"{where}, message {j}: has {keys}; expected a dict with keys "
+                f"{list(MESSAGE_KEYS)} (ShareGPT-style {{'from', 'value'}} messages must be "
+                "converted first)"
+            )
+        if not isinstance(message["content"], str) or not isinstance(message["role"], str):
+            raise TypeError(f"{where}, message {j}: role and content must be strings")
+
+
+def _rows(dataset, name: str):
+    """The rows of a dataset, each a dict; see :func:`prepare_pairs` for what is accepted."""
+    if isinstance(dataset, Mapping):  # columns
+        if any(isinstance(v, str) or not isinstance(v, Sequence) for v in dataset.values()):
+            raise TypeError(
+                f"{name} is a dict whose values are not lists; a dict must map each column to "
+                "a list of values (for a single row, pass a list holding that dict)"
+            )
+        lengths = {column: len(values) for column, values in dataset.items()}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"{name}: the columns have different lengths {lengths}")
+        n = next(iter(lengths.values()), 0)
+        return [{column: values[i] for column, values in dataset.items()} for i in range(n)]
+    if hasattr(dataset, "to_dict") and hasattr(dataset, "columns"):  # a pandas DataFrame
+        return dataset.to_dict(orient="records")
+    if isinstance(dataset, (str, bytes)) or not (
+        hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")
+    ):
+        raise TypeError(
+            f"{name} must be a datasets.Dataset, a list of dicts, a dict of lists or a pandas "
+            f"DataFrame, got {type(dataset).__name__}"
+        )
+    return dataset
 
 
 # --- Log-probs of pairs under a model -------------------------------------------------------
@@ -226,27 +327,38 @@ def pair_logps(
 
     Returns ``(chosen, rejected)``, each ``(len(dataset),)`` in nats; NaN for a row that
     :func:`prepare_pairs` skips (chosen == rejected, or a prompt that fills ``max_length``).
+    An empty dataset gives two empty tensors.
     """
+    check_int("batch_size", batch_size, 1)
     pairs, rows, _ = prepare_pairs(
         tokenizer, dataset, max_length=max_length, max_prompt_length=max_prompt_length
     )
     chosen, rejected = all_pair_logps(model, pairs, batch_size, pad_token_id(tokenizer))
-    out = torch.full((2, len(dataset)), math.nan, dtype=chosen.dtype)
+    out = torch.full((2, len(_rows(dataset, "dataset"))), math.nan, dtype=chosen.dtype)
     out[:, rows] = torch.stack([chosen, rejected])
     return out[0], out[1]
 
 
 def all_pair_logps(model, pairs, batch_size: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Chosen and rejected log-probs, each ``(len(pairs),)``, of tokenised ``pairs`` (from
-    :func:`prepare_pairs`), in order, ``batch_size`` at a time, in eval mode without autograd."""
-    was_training, device = model.training, next(model.parameters()).device
+    :func:`prepare_pairs`), in order, ``batch_size`` at a time, in eval mode without autograd.
+    The model's mode is restored afterwards, even after an error or an interrupt."""
+    parameter = next(model.parameters())
+    if not pairs:
+        empty = torch.empty(0, dtype=compute_dtype(parameter.dtype), device=parameter.device)
+        return empty, empty.clone()
+    was_training = model.training
     model.eval()
-    with torch.inference_mode():
-        parts = [
-            batch_logps(model, to_device(collate(pairs[i : i + batch_size], pad_id), device))
-            for i in range(0, len(pairs), batch_size)
-        ]
-    model.train(was_training)
+    try:
+        with torch.inference_mode():
+            parts = [
+                batch_logps(
+                    model, to_device(collate(pairs[i : i + batch_size], pad_id), parameter.device)
+                )
+                for i in range(0, len(pairs), batch_size)
+            ]
+    finally:
+        model.train(was_training)
     # cloned outside inference mode, so autograd may use them as constants later
     return tuple(torch.cat([p[k] for p in parts]).clone() for k in (0, 1))
 

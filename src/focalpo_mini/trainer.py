@@ -10,6 +10,8 @@
 4. Log TRL's metric names, the mean focal weight and Chen et al.'s per-group metrics; evaluate on a
    held-out split; checkpoint atomically (:mod:`focalpo_mini.checkpoint`), so that a resumed run
    repeats the uninterrupted one bit for bit on a CPU.
+5. Never lose work or train on garbage: Ctrl-C waits for the end of the step, and a step whose
+   loss or gradient is not finite is skipped (see :func:`train`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ import functools
 import hashlib
 import math
 import os
+import signal
+import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -26,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from focalpo_mini import checkpoint
-from focalpo_mini._checks import check_flag, check_int, check_number
+from focalpo_mini._checks import NonFiniteError, check_flag, check_int, check_number
 from focalpo_mini.baselines import conservative_dpo_loss, ipo_loss, robust_dpo_loss
 from focalpo_mini.losses import dpo_loss, focalpo_loss, preference_logits
 from focalpo_mini.metrics import group_metrics, preference_metrics
@@ -49,9 +54,14 @@ class TrainConfig:
     ``loss`` is ``"focalpo"``, ``"dpo"``, one of the noisy-label baselines of
     :mod:`focalpo_mini.baselines` (``"cdpo"``, ``"robust"``, ``"ipo"``; the first two use
     ``label_smoothing``), or a callable with :func:`focalpo_loss`'s signature.
-    ``max_grad_norm=None`` turns clipping off. ``eval_every=0`` evaluates only before the first
-    and after the last step. ``checkpoint_every=0`` checkpoints only on KeyboardInterrupt (when
-    ``checkpoint_dir`` is set). ``record_eval_pairs`` keeps per-pair eval tensors.
+    ``max_grad_norm=None`` turns clipping off (the logged ``grad_norm`` is then the unclipped
+    norm). ``warmup_steps`` may not exceed ``max_steps``. Each step uses ``grad_accum_steps``
+    micro-batches of ``batch_size`` pairs; an epoch visits the pairs in a seeded random order,
+    and its last ``len(pairs) % batch_size`` pairs (a partial batch) are left out of that epoch.
+    ``eval_every=0`` evaluates only before the first and after the last step.
+    ``checkpoint_every=0`` checkpoints only on KeyboardInterrupt (when ``checkpoint_dir`` is
+    set). ``record_eval_pairs`` keeps per-pair eval tensors. Numbers may be Python or NumPy
+    scalars; they are stored as Python ``float`` and ``int``.
     """
 
     beta: float = 0.1
@@ -79,20 +89,29 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not (self.loss in LOSS_NAMES or callable(self.loss)):
             raise ValueError(f"loss must be one of {LOSS_NAMES} or a callable, got {self.loss!r}")
-        check_number("label_smoothing", self.label_smoothing, minimum=0.0, maximum=0.5)
-        check_number("beta", self.beta, minimum=0.0, inclusive=False)
-        check_number("gamma", self.gamma, minimum=0.0)
-        check_number("learning_rate", self.learning_rate, minimum=0.0, inclusive=False)
-        check_number("weight_decay", self.weight_decay, minimum=0.0)
+        self.label_smoothing = check_number(
+            "label_smoothing", self.label_smoothing, minimum=0.0, maximum=0.5
+        )
+        self.beta = check_number("beta", self.beta, minimum=0.0, inclusive=False)
+        self.gamma = check_number("gamma", self.gamma, minimum=0.0)
+        self.learning_rate = check_number(
+            "learning_rate", self.learning_rate, minimum=0.0, inclusive=False
+        )
+        self.weight_decay = check_number("weight_decay", self.weight_decay, minimum=0.0)
         if self.max_grad_norm is not None:
-            check_number("max_grad_norm", self.max_grad_norm, minimum=0.0, inclusive=False)
-        for name in ("batch_size", "grad_accum_steps", "max_steps", "max_length"):
-            check_int(name, getattr(self, name), 1)
+            self.max_grad_norm = check_number(
+                "max_grad_norm", self.max_grad_norm, minimum=0.0, inclusive=False
+            )
+        for name in ("batch_size", "grad_accum_steps", "max_steps", "max_length", "log_every"):
+            setattr(self, name, check_int(name, getattr(self, name), 1))
         for name in ("warmup_steps", "eval_every", "checkpoint_every", "seed"):
-            check_int(name, getattr(self, name), 0)
-        check_int("log_every", self.log_every, 1)
+            setattr(self, name, check_int(name, getattr(self, name), 0))
+        if self.warmup_steps > self.max_steps:
+            raise ValueError(
+                f"warmup_steps must be <= max_steps = {self.max_steps}, got {self.warmup_steps}"
+            )
         if self.max_prompt_length is not None:
-            check_int("max_prompt_length", self.max_prompt_length, 1)
+            self.max_prompt_length = check_int("max_prompt_length", self.max_prompt_length, 1)
             if self.max_prompt_length >= self.max_length:
                 raise ValueError(
                     f"max_prompt_length must be < max_length = {self.max_length}, "
@@ -102,6 +121,12 @@ class TrainConfig:
             check_flag(name, getattr(self, name))
         if self.checkpoint_every and self.checkpoint_dir is None:
             raise ValueError("checkpoint_every > 0 needs a checkpoint_dir")
+        if self.checkpoint_dir is not None and not isinstance(
+            self.checkpoint_dir, (str, os.PathLike)
+        ):
+            raise TypeError(
+                f"checkpoint_dir must be a path or None, got {type(self.checkpoint_dir).__name__}"
+            )
 
 
 @dataclass
@@ -109,7 +134,9 @@ class TrainResult:
     """What :func:`train` returns. The model itself is trained in place.
 
     ``history``: one dict per log step (``step``, ``loss``, TRL's ``rewards/*`` and ``logps/*``,
-    ``focal/weight_mean``, ``groups/*``, ``learning_rate``, ``grad_norm``, ``num_tokens``).
+    ``focal/weight_mean``, ``groups/*``, ``learning_rate``, ``grad_norm`` (of the log step, before
+    clipping), ``num_tokens`` (of the steps applied so far), ``skipped_steps`` (non-finite steps
+    skipped so far)). A log window whose steps were all skipped has no loss or pair metrics.
     ``eval_history``: the same metric names on the eval split. ``eval_pairs``: with
     ``record_eval_pairs``, one dict of ``(N,)`` tensors per evaluation (``step``, ``index`` = the
     dataset row, policy and reference log-probs, ``z``). ``data_stats``: truncation counts per
@@ -189,6 +216,23 @@ def train(
     ``checkpoint.RESUMABLE_FIELDS`` may differ) and the same data. ``on_eval(step, model)``, if
     given, is called after each evaluation of the eval split (for measurements of your own, such
     as generating answers); the model is put back in training mode after it returns.
+
+    Interrupts. Ctrl-C (SIGINT) takes effect at the end of the current step, after its log row,
+    evaluation and checkpoint: the state is checkpointed (with ``checkpoint_dir``) and
+    KeyboardInterrupt raised, so a resumed run repeats the uninterrupted one bit for bit. A
+    second Ctrl-C stops at once, without a checkpoint (the last one written is kept). A
+    KeyboardInterrupt raised inside a step by your own code (a loss callable) checkpoints the
+    state after the last completed step. A log row or evaluation an interrupt left undone is
+    done on resume.
+
+    Non-finite steps. If a micro-batch's log-probs or loss, or the step's gradient norm, is NaN
+    or inf (what a float16/bfloat16 overflow looks like), the step is skipped: no update, the
+    optimizer's moments untouched, a warning naming the step, and ``skipped_steps`` in the log
+    rows counts it. The step counter, the learning-rate schedule and the data order move on, as
+    with ``torch.amp``'s GradScaler, so the skipped batch is not retried. Weights therefore stay
+    finite, and :func:`focalpo_mini.checkpoint.save` refuses non-finite weights anyway: the last
+    good checkpoint is never overwritten. An evaluation with non-finite log-probs stops the run
+    with a NonFiniteError (a ValueError) naming the step.
     """
     config = TrainConfig() if config is None else config
     if not isinstance(config, TrainConfig):
@@ -202,6 +246,11 @@ def train(
         splits["eval"] = _Split(
             *prepare_pairs(tokenizer, eval_dataset, **limits, name="eval_dataset")
         )
+        if not splits["eval"].pairs:
+            raise ValueError(
+                f"eval_dataset has no usable pair (counts: {splits['eval'].stats}); pass "
+                "eval_dataset=None to train without evaluation"
+            )
     train_split = splits["train"]
     if len(train_split.pairs) < config.batch_size:
         raise ValueError(
@@ -231,7 +280,10 @@ def train(
         checkpoint.set_rng_state(run.rng)
 
     def evaluate() -> None:
-        metrics, pairs = _evaluate(model, splits["eval"], config, pad_id)
+        try:
+            metrics, pairs = _evaluate(model, splits["eval"], config, pad_id)
+        except NonFiniteError as error:
+            raise NonFiniteError(f"evaluation at step {run.step}: {error}") from error
         run.eval_history.append({"step": run.step, **metrics})
         if config.record_eval_pairs:
             run.eval_pairs.append({"step": run.step, **pairs})
@@ -255,58 +307,91 @@ def train(
         }
         checkpoint.save(state, config.checkpoint_dir)
 
+    def log() -> None:
+        entry = _summarise(run.pending, config) if run.pending else {}
+        lr = scheduler.get_last_lr()[0]
+        entry.update(
+            learning_rate=lr,
+            grad_norm=run.grad_norm,
+            num_tokens=run.num_tokens,
+            skipped_steps=run.skipped_steps,
+        )
+        run.history.append({"step": run.step, **entry})
+        if "loss" in entry:
+            bar.set_postfix(loss=f"{entry['loss']:.4f}")
+        run.pending = []
+
+    def finish_step() -> None:
+        """The log row and evaluation due at ``run.step``, unless already recorded (a resumed
+        run redoes what an interrupt left undone)."""
+        last = run.step == config.max_steps
+        if run.step and (run.step % config.log_every == 0 or last):
+            if not run.history or run.history[-1]["step"] != run.step:
+                log()
+        if "eval" in splits and (
+            run.step == 0 or last or (config.eval_every and run.step % config.eval_every == 0)
+        ):
+            if not run.eval_history or run.eval_history[-1]["step"] != run.step:
+                evaluate()
+
     per_epoch = len(train_split.pairs) // config.batch_size
     bar = tqdm(total=config.max_steps, initial=run.step, disable=not config.progress, desc="train")
     model.train()
     start = time.perf_counter()
-    try:
-        if "eval" in splits and run.step == 0:
-            evaluate()
-        while run.step < config.max_steps:
-            records = []
-            for micro in range(config.grad_accum_steps):
-                idx = _batch_indices(
-                    run.step * config.grad_accum_steps + micro, train_split, config
-                )
-                batch = to_device(collate([train_split.pairs[i] for i in idx], pad_id), device)
-                ref = (
-                    train_split.ref_chosen[idx].to(device),
-                    train_split.ref_rejected[idx].to(device),
-                )
-                loss, chosen, rejected = preference_loss(model, batch, *ref, config=config)
-                (loss / config.grad_accum_steps).backward()
-                records.append((loss.detach(), chosen.detach(), rejected.detach(), *ref))
-                run.num_tokens += int(batch["attention_mask"].sum())
-            grad_norm = math.nan
-            if config.max_grad_norm is not None:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm).item()
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            # From here the step is complete: a checkpoint written now resumes after it.
-            run.step, run.rng = run.step + 1, checkpoint.rng_state()
-            run.pending.extend(records)
-            if run.step % config.log_every == 0 or run.step == config.max_steps:
-                entry = _summarise(run.pending, config)
-                lr = scheduler.get_last_lr()[0]
-                entry.update(learning_rate=lr, grad_norm=grad_norm, num_tokens=run.num_tokens)
-                run.history.append({"step": run.step, **entry})
-                bar.set_postfix(loss=f"{entry['loss']:.4f}")
-                run.pending = []
-            if "eval" in splits and (
-                run.step == config.max_steps
-                or (config.eval_every and run.step % config.eval_every == 0)
-            ):
-                evaluate()
-            if config.checkpoint_every and run.step % config.checkpoint_every == 0:
-                save()
-            bar.update(1)
-    except KeyboardInterrupt:
-        if config.checkpoint_dir is not None:
-            save()  # the state after the last completed step; a partial accumulation is lost
-        raise
-    finally:
-        bar.close()
+    with _DeferredInterrupt() as interrupt:
+        try:
+            finish_step()  # step 0's evaluation, or what an interrupt left undone
+            interrupt.check()
+            while run.step < config.max_steps:
+                records, tokens, problem = [], 0, None
+                for micro in range(config.grad_accum_steps):
+                    idx = _batch_indices(
+                        run.step * config.grad_accum_steps + micro, train_split, config
+                    )
+                    batch = to_device(collate([train_split.pairs[i] for i in idx], pad_id), device)
+                    ref = (
+                        train_split.ref_chosen[idx].to(device),
+                        train_split.ref_rejected[idx].to(device),
+                    )
+                    try:
+                        loss, chosen, rejected = preference_loss(model, batch, *ref, config=config)
+                    except NonFiniteError as error:  # the model's logits or log-probs overflowed
+                        problem = str(error)
+                        break
+                    (loss / config.grad_accum_steps).backward()
+                    records.append((loss.detach(), chosen.detach(), rejected.detach(), *ref))
+                    tokens += int(batch["attention_mask"].sum())
+                grad_norm = _grad_norm(params, config.max_grad_norm)
+                if problem is None:
+                    problem = _non_finite(records, grad_norm)
+                if problem is None:
+                    optimizer.step()
+                else:
+                    warnings.warn(
+                        f"step {run.step + 1}: {problem}; the step is skipped (no update)",
+                        stacklevel=2,
+                    )
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                # The step's effects, committed together: a checkpoint written from here on
+                # resumes after this step. Ctrl-C cannot land in between (_DeferredInterrupt).
+                run.step, run.rng, run.grad_norm = run.step + 1, checkpoint.rng_state(), grad_norm
+                if problem is None:
+                    run.num_tokens += tokens
+                    run.pending.extend(records)
+                else:
+                    run.skipped_steps += 1
+                finish_step()
+                if config.checkpoint_every and run.step % config.checkpoint_every == 0:
+                    save()
+                bar.update(1)
+                interrupt.check()
+        except KeyboardInterrupt:
+            if config.checkpoint_dir is not None and not interrupt.forced:
+                save()  # the state after the last completed step; a partial accumulation is lost
+            raise
+        finally:
+            bar.close()
     stats = {k: s.stats for k, s in splits.items()}
     seconds = time.perf_counter() - start
     return TrainResult(run.history, run.eval_history, run.eval_pairs, config, stats, seconds)
@@ -318,6 +403,8 @@ class _Progress:
 
     step: int = 0
     num_tokens: int = 0
+    grad_norm: float = math.nan  # of the last step, before clipping
+    skipped_steps: int = 0
     rng: dict = field(default_factory=dict)  # the RNG states at the end of the last step
     pending: list = field(default_factory=list)  # per-pair records since the last log
     history: list = field(default_factory=list)
@@ -325,9 +412,62 @@ class _Progress:
     eval_pairs: list = field(default_factory=list)
 
 
+class _DeferredInterrupt:
+    """While active, a first Ctrl-C (SIGINT) only sets ``pending``, and :meth:`check` raises
+    the KeyboardInterrupt at a step boundary, where the state is consistent. A second Ctrl-C
+    raises at once and sets ``forced``. Outside the main thread, where Python delivers no
+    signals, and where SIGINT is ignored, it changes nothing."""
+
+    def __enter__(self) -> _DeferredInterrupt:
+        self.pending = self.forced = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.getsignal(signal.SIGINT)
+            if previous not in (None, signal.SIG_IGN):
+                signal.signal(signal.SIGINT, self._handle)
+                self._previous = previous
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.pending:
+            self.forced = True
+            raise KeyboardInterrupt
+        self.pending = True
+
+    def check(self) -> None:
+        if self.pending:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc_info) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _grad_norm(params: list[torch.Tensor], max_norm: float | None) -> float:
+    """The gradients' total 2-norm before clipping; clips them to ``max_norm`` unless None."""
+    if max_norm is not None:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    return torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(g) for g in grads])
+    ).item()
+
+
+def _non_finite(records: list[tuple[torch.Tensor, ...]], grad_norm: float) -> str | None:
+    """Why a step must be skipped (a loss or the gradient norm is NaN or inf), or None."""
+    losses = torch.stack([r[0] for r in records])
+    if not bool(torch.isfinite(losses).all()):
+        return f"the loss is not finite ({losses.tolist()} over the micro-batches)"
+    if not math.isfinite(grad_norm):
+        return f"the gradient norm is {grad_norm}"
+    return None
+
+
 def _batch_indices(micro_step: int, split: _Split, config: TrainConfig) -> list[int]:
     """The pairs of one micro-batch: epoch e visits the pairs in an order drawn from a generator
-    seeded by (seed, e); the last partial batch of an epoch is dropped."""
+    seeded by (seed, e); the last partial batch of an epoch is dropped (see TrainConfig)."""
     epoch, position = divmod(micro_step, len(split.pairs) // config.batch_size)
     order = _epoch_order(len(split.pairs), config.seed, epoch)
     return order[position * config.batch_size : (position + 1) * config.batch_size]
@@ -389,13 +529,20 @@ def _configured_loss(chosen, rejected, ref_chosen, ref_rejected, config: TrainCo
             rejected_lengths=rejected_lengths,
         )
     loss_fn = focalpo_loss if config.loss == "focalpo" else config.loss
-    return loss_fn(
+    loss = loss_fn(
         *logps,
         beta=config.beta,
         gamma=config.gamma,
         detach_weight=config.detach_weight,
         reduction="mean",
     )
+    if not (isinstance(loss, torch.Tensor) and loss.dim() == 0):
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise TypeError(
+            f"the loss callable (config.loss) must return a scalar tensor, the batch's mean "
+            f"loss (it is called with reduction='mean'), got {shape}"
+        )
+    return loss
 
 
 @functools.lru_cache(maxsize=2)
