@@ -3,7 +3,17 @@
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+from transformers import (
+    GemmaConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from focalpo_mini.memory import (
     ALL_PROJECTIONS,
@@ -14,9 +24,11 @@ from focalpo_mini.memory import (
     fit_table,
     fits,
     format_table,
+    gpu_table,
     linear_parameter_count,
     lora_parameter_count,
     memory_plan,
+    native_bf16,
     parameter_count,
     recipe_that_fits,
 )
@@ -45,8 +57,10 @@ def _meta_count(model_cls, config) -> tuple[int, int]:
         (LlamaForCausalLM, LlamaConfig(**LLAMA_3_8B)),
         (LlamaForCausalLM, LlamaConfig(**{**LLAMA_3_8B, "tie_word_embeddings": True})),
         (LlamaForCausalLM, LlamaConfig(**MISTRAL_7B_SHAPE, attention_bias=True, mlp_bias=True)),
+        (Qwen2ForCausalLM, Qwen2Config()),  # q, k and v have biases, o has none
+        (Qwen2ForCausalLM, Qwen2Config(tie_word_embeddings=True, num_key_value_heads=4)),
     ],
-    ids=["mistral-7b", "llama-3-8b", "llama-tied", "llama-biases"],
+    ids=["mistral-7b", "llama-3-8b", "llama-tied", "llama-biases", "qwen2", "qwen2-tied"],
 )
 def test_parameter_counts_equal_transformers(model_cls, config):
     total, linear = _meta_count(model_cls, config)
@@ -124,10 +138,10 @@ def test_recipes_order_by_memory_and_sharding_divides_model_states():
         r: memory_plan(config, r, max_length=1024, batch_size=4) for r in ("qlora", "lora", "full")
     }
     assert plans["qlora"].total < plans["lora"].total < plans["full"].total
-    # QLoRA's adapter is bf16 (TRL casts it), LoRA's fp32; both keep fp32 AdamW moments.
+    # Both adapters are fp32 (build_trainer casts QLoRA's back from TRL's bf16), as are their
+    # gradients and AdamW moments.
     adapter = plans["lora"].trainable_params
-    assert plans["qlora"].gradients == pytest.approx(adapter * 2 / 1e9)
-    assert plans["lora"].gradients == pytest.approx(adapter * 4 / 1e9)
+    assert plans["qlora"].gradients == plans["lora"].gradients == pytest.approx(adapter * 4 / 1e9)
     assert plans["qlora"].optimizer == plans["lora"].optimizer
     # 4-bit base: under a third of the bf16 base.
     assert plans["qlora"].weights < plans["lora"].weights / 3
@@ -142,14 +156,14 @@ def test_recipes_order_by_memory_and_sharding_divides_model_states():
     assert live_ref.reference == pytest.approx(parameter_count(config) * 4 / 1e9)
 
 
-def test_fit_table_agrees_with_fits_and_marks_missing_bf16():
+def test_fit_table_says_only_whether_memory_fits():
     config = MistralConfig(**MISTRAL_7B_SHAPE)
     rows = fit_table(config, max_length=1024, batch_size=4)
     assert [row["recipe"] for row in rows] == ["qlora", "lora", "full", "full (8 GPUs)"]
     for row in rows:
-        for gpu, (memory, bf16) in GPUS.items():
+        for gpu, (memory, _) in GPUS.items():
             fit = row["total (GB/GPU)"] <= USABLE_FRACTION * memory
-            assert row[gpu] == ("no" if not fit else "yes" if bf16 else "no bf16")
+            assert row[gpu] == ("yes" if fit else "no")
     assert rows[2]["H100 80GB"] == "no"  # full 7B on one GPU: over 100 GB
     assert "recipe" in format_table(rows).splitlines()[0]
 
@@ -182,3 +196,82 @@ def test_invalid_arguments_are_rejected():
         parameter_count(object())
     with pytest.raises(ValueError, match="gpu"):
         fits(memory_plan(config, "lora", max_length=8, batch_size=1), "V100")
+
+
+def test_gpu_table_keeps_dtype_apart_from_memory():
+    rows = {row["gpu"]: row for row in gpu_table()}
+    assert rows["T4 16GB"]["native bf16"] == "no" and rows["T4 16GB"]["trains in"] == "fp16"
+    for gpu in ("L4 24GB", "A100 40GB", "A100 80GB", "H100 80GB"):
+        assert rows[gpu]["native bf16"] == "yes" and rows[gpu]["trains in"] == "bf16"
+    assert rows["T4 16GB"]["compute capability"] == "7.5"
+    assert native_bf16((8, 0)) and not native_bf16((7, 5))
+    with pytest.raises(TypeError, match="capability"):
+        native_bf16("8.0")
+
+
+def test_mixture_of_experts_is_refused_not_undercounted():
+    """Mixtral-8x7B has 46.7B parameters; a dense count would give 7.24B."""
+    with torch.device("meta"):
+        total = sum(p.numel() for p in MixtralForCausalLM(MixtralConfig()).parameters())
+    assert total > 46e9
+    with pytest.raises(ValueError, match="mixture-of-experts"):
+        parameter_count(MixtralConfig())
+    with pytest.raises(ValueError, match="mixture-of-experts"):
+        memory_plan(MixtralConfig(), "qlora", max_length=8, batch_size=1)
+
+
+def _edited(config, **fields):
+    """The config with fields set after construction (LlamaConfig itself divides by the heads)."""
+    for name, value in fields.items():
+        setattr(config, name, value)
+    return config
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "name"),
+    [
+        (lambda c: memory_plan(c, "lora", max_length=None, batch_size=1), TypeError, "max_length"),
+        (lambda c: memory_plan(c, "lora", max_length=8, batch_size=0), ValueError, "batch_size"),
+        (lambda c: memory_plan(c, "lora", max_length=8.0, batch_size=1), TypeError, "max_length"),
+        (
+            lambda c: parameter_count(_edited(c, num_attention_heads=0)),
+            ValueError,
+            "num_attention_heads",
+        ),
+        (
+            lambda c: parameter_count(_edited(c, num_hidden_layers=-1)),
+            ValueError,
+            "num_hidden_layers",
+        ),
+        (
+            lambda c: recipe_that_fits(c, "80", max_length=8, batch_size=1),
+            TypeError,
+            "gpu_memory_gb",
+        ),
+        (
+            lambda c: recipe_that_fits(c, float("nan"), max_length=8, batch_size=1),
+            ValueError,
+            "gpu_memory_gb",
+        ),
+        (
+            lambda c: memory_plan(c, "lora", max_length=8, batch_size=1, gradient_checkpointing=1),
+            TypeError,
+            "gradient_checkpointing",
+        ),
+        (lambda c: parameter_count(GemmaConfig()), ValueError, "model_type"),
+    ],
+    ids=[
+        "max_length-None",
+        "batch_size-0",
+        "max_length-float",
+        "heads-0",
+        "layers-negative",
+        "gpu-memory-str",
+        "gpu-memory-nan",
+        "checkpointing-int",
+        "other-architecture",
+    ],
+)
+def test_bad_arguments_name_the_argument(call, error, name):
+    with pytest.raises(error, match=name):
+        call(_small_config())
