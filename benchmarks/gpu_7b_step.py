@@ -4,10 +4,13 @@ On a CUDA GPU it builds Mistral-7B's architecture (``transformers.MistralConfig`
 weights directly on the GPU, so nothing is downloaded, and runs ``FocalPOTrainer`` through the
 book's code path (``focalpo_mini.recipes``: the same LoRA and training configs) for every recipe
 whose memory plan (``focalpo_mini.memory``) fits the GPU. Without CUDA it does a dry run of the
-same code on a tiny shape, which ``tests/test_gpu_benchmark.py`` covers.
+same code on a tiny shape (QLoRA with bitsandbytes' CPU 4-bit kernels), which
+``tests/test_gpu_benchmark.py`` covers.
 
 Run: ``HF_HUB_OFFLINE=1 python benchmarks/gpu_7b_step.py`` (a few minutes on an 80 GB GPU).
-It prints a table and writes ``benchmarks/results/gpu_7b_step_<gpu>.json`` (``--output`` to change).
+It prints a table and writes ``benchmarks/results/gpu_7b_step_<gpu>.json`` (``--output`` to change)
+after every recipe, so a recipe that runs out of memory (recorded as such) or a crash later on
+loses nothing measured before it.
 
 How it measures:
 
@@ -21,7 +24,10 @@ How it measures:
   the adapter switched off; full: precomputed before training, so not counted). Recomputation
   by gradient checkpointing is not counted (it is overhead, not model work). N excludes the
   embedding. A GPU missing from ``PEAK_BF16_TFLOPS`` gets no MFU.
-- Peak memory is ``torch.cuda.max_memory_allocated`` during the steps, next to the plan's estimate.
+- Peak memory is ``torch.cuda.max_memory_allocated`` during the steps (what tensors held) and
+  ``torch.cuda.max_memory_reserved`` (what the caching allocator took from the GPU, the number
+  that must fit), next to the plan's estimate. The optimiser is the recipes' own: fused AdamW
+  (no foreach temporaries) for LoRA and full, paged AdamW for QLoRA.
 """
 
 from __future__ import annotations
@@ -47,7 +53,14 @@ from focalpo_mini.memory import (
     memory_plan,
     parameter_count,
 )
-from focalpo_mini.recipes import RunSettings, lora_config, training_config
+from focalpo_mini.recipes import (
+    RunSettings,
+    cast_trainable_to_fp32,
+    compute_dtype,
+    lora_config,
+    peak_tflops,
+    training_config,
+)
 from focalpo_mini.tiny import make_tokenizer
 from focalpo_mini.trl import FocalPOTrainer
 
@@ -61,15 +74,6 @@ TINY = dict(
     num_attention_heads=4,
     num_key_value_heads=2,
 )
-
-# Dense (no sparsity) bf16 tensor-core peak, TFLOP/s, from the vendors' data sheets (SXM parts).
-PEAK_BF16_TFLOPS = {
-    "H200": 989.0,
-    "H100": 989.0,
-    "A100": 312.0,
-    "L4": 121.0,
-    "A10G": 70.0,
-}
 
 
 class _StepTimer(TrainerCallback):
@@ -128,7 +132,7 @@ def _quantize_linears_nf4(model: torch.nn.Module, compute_dtype: torch.dtype) ->
                     quant_type="nf4",
                 )
                 quantized.weight = bnb.nn.Params4bit(
-                    child.weight.data.cpu(),
+                    child.weight.data.cpu().to(compute_dtype),
                     requires_grad=False,
                     compress_statistics=True,
                     quant_type="nf4",
@@ -136,13 +140,16 @@ def _quantize_linears_nf4(model: torch.nn.Module, compute_dtype: torch.dtype) ->
                 setattr(parent, name, quantized.to(child.weight.device))
                 del child
     model.is_loaded_in_4bit = True  # what TRL and PEFT check to treat the model as 4-bit
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _build_model(shape: dict, recipe: str, on_gpu: bool) -> MistralForCausalLM:
     """Random weights of ``shape``, built on the GPU (or CPU) in the recipe's storage dtype."""
     config = MistralConfig(**shape)
-    dtype = torch.float32 if recipe == "full" or not on_gpu else torch.bfloat16
+    # The recipes' storage dtypes: fp32 for full fine-tuning, the compute dtype (bf16, or fp16
+    # on a GPU without native bf16) for the LoRA bases.
+    dtype = torch.float32 if recipe == "full" else compute_dtype()
     device = "cuda" if on_gpu else "cpu"
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -151,8 +158,8 @@ def _build_model(shape: dict, recipe: str, on_gpu: bool) -> MistralForCausalLM:
             model = MistralForCausalLM(config)
     finally:
         torch.set_default_dtype(previous)
-    if recipe == "qlora" and on_gpu:
-        _quantize_linears_nf4(model, torch.bfloat16)
+    if recipe == "qlora":
+        _quantize_linears_nf4(model, dtype)
     return model
 
 
@@ -178,6 +185,7 @@ def run_recipe(recipe: str, args: argparse.Namespace, shape: dict) -> dict:
         processing_class=tokenizer,
         peft_config=lora_config(settings),
     )
+    cast_trainable_to_fp32(trainer.model)  # as recipes.build_trainer does
     prepared = trainer.train_dataset
     shortest = min(
         len(p) + min(len(c), len(r))
@@ -208,17 +216,15 @@ def run_recipe(recipe: str, args: argparse.Namespace, shape: dict) -> dict:
         "model_tflops_per_step": flops_per_token * tokens / 1e12,
         "mfu": None,
         "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if on_gpu else None,
+        "peak_reserved_gb": torch.cuda.max_memory_reserved() / 1e9 if on_gpu else None,
+        "optim": trainer.args.optim,
         "planned_memory_gb": memory_plan(
             model.config, recipe, max_length=args.max_length, batch_size=args.batch_size
         ).total,
     }
-    peak = _peak_tflops()
+    peak = peak_tflops(_gpu_name())
     if peak is not None:
         result["mfu"] = result["model_tflops_per_step"] / (step_s * peak)
-    del trainer, model
-    gc.collect()
-    if on_gpu:
-        torch.cuda.empty_cache()
     return result
 
 
@@ -226,15 +232,31 @@ def _gpu_name() -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
 
-def _peak_tflops() -> float | None:
-    name = _gpu_name()
-    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _out_of_memory_row(recipe: str, error: Exception, args, shape: dict) -> dict:
+    """What is known of a recipe that ran out of GPU memory: the peaks reached, and the plan."""
+    on_gpu = torch.cuda.is_available()
+    first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return {
+        "recipe": recipe,
+        "error": f"out of memory: {first_line}",
+        "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if on_gpu else None,
+        "peak_reserved_gb": torch.cuda.max_memory_reserved() / 1e9 if on_gpu else None,
+        "planned_memory_gb": memory_plan(
+            MistralConfig(**shape), recipe, max_length=args.max_length, batch_size=args.batch_size
+        ).total,
+    }
 
 
 def recipes_that_fit(shape: dict, args: argparse.Namespace) -> list[str]:
     """Recipes whose memory plan fits this GPU (all of them for the CPU dry run)."""
     if not torch.cuda.is_available():
-        return [r for r in RECIPES if r != "qlora"]  # bitsandbytes' NF4 kernels need CUDA
+        return list(RECIPES)
     memory_gb = torch.cuda.get_device_properties(0).total_memory / 1e9
     config = MistralConfig(**shape)
     return [
@@ -267,7 +289,6 @@ def main(argv: list[str] | None = None) -> dict:
     shape = MISTRAL_7B_SHAPE if on_gpu else TINY
     fitting = recipes_that_fit(shape, args)
     recipes = [r for r in (args.recipes or RECIPES) if r in fitting]
-    rows = [run_recipe(recipe, args, shape) for recipe in recipes]
     report = {
         "gpu": _gpu_name(),
         "dry_run": not on_gpu,
@@ -277,25 +298,49 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "skipped": [r for r in (args.recipes or RECIPES) if r not in fitting],
-        "results": rows,
+        "results": [],
     }
-    print(f"{report['gpu']}: {report['shape']}, batch {args.batch_size} x {args.max_length} tokens")
-    print(f"{'recipe':>6} {'step s':>8} {'tokens/s':>10} {'MFU':>6} {'peak GB':>8} {'plan GB':>8}")
-    for r in rows:
-        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
-        peak = f"{r['peak_memory_gb']:.1f}" if r["peak_memory_gb"] is not None else "-"
-        print(
-            f"{r['recipe']:>6} {r['step_s']:8.3f} {r['tokens_per_s']:10.0f} {mfu:>6} {peak:>8}"
-            f" {r['planned_memory_gb']:8.1f}"
-        )
-    if report["skipped"]:
-        print(f"skipped (plan does not fit, or no CUDA for 4-bit): {report['skipped']}")
     slug = "".join(c if c.isalnum() else "_" for c in report["gpu"]).strip("_").lower()
     output = args.output or RESULTS / f"gpu_7b_step_{slug}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"{report['gpu']}: {report['shape']}, batch {args.batch_size} x {args.max_length} tokens")
+    print(
+        f"{'recipe':>6} {'step s':>8} {'tokens/s':>10} {'MFU':>6} {'peak GB':>8} "
+        f"{'reserved':>8} {'plan GB':>8}"
+    )
+    for recipe in recipes:
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            row = run_recipe(recipe, args, shape)
+        except torch.OutOfMemoryError as error:
+            row = _out_of_memory_row(recipe, error, args, shape)
+        _free_memory()  # after the except block, whose traceback held the model
+        report["results"].append(row)
+        output.write_text(json.dumps(report, indent=2) + "\n")
+        _print_row(row)
+    if report["skipped"]:
+        print(f"skipped (plan does not fit): {report['skipped']}")
     print(f"wrote {output}")
     return report
+
+
+def _print_row(row: dict) -> None:
+    def gb(value):
+        return f"{value:.1f}" if value is not None else "-"
+
+    if "error" in row:
+        print(
+            f"{row['recipe']:>6} {row['error']}; peak {gb(row['peak_memory_gb'])} GB, reserved "
+            f"{gb(row['peak_reserved_gb'])} GB, plan {row['planned_memory_gb']:.1f} GB"
+        )
+        return
+    mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "-"
+    print(
+        f"{row['recipe']:>6} {row['step_s']:8.3f} {row['tokens_per_s']:10.0f} {mfu:>6} "
+        f"{gb(row['peak_memory_gb']):>8} {gb(row['peak_reserved_gb']):>8} "
+        f"{row['planned_memory_gb']:8.1f}"
+    )
 
 
 if __name__ == "__main__":
