@@ -2,11 +2,18 @@
 
 One GPU (QLoRA or LoRA):
     python scripts/train_focalpo.py --recipe qlora --output-dir runs/mistral-qlora
-Eight GPUs, full fine-tuning with DeepSpeed ZeRO-3 (or configs/accelerate/fsdp_8gpu.yaml):
+Eight GPUs, full fine-tuning with DeepSpeed ZeRO-3 (``pip install "focalpo_mini[deepspeed]"``):
     accelerate launch --config_file configs/accelerate/deepspeed_zero3_8gpu.yaml \\
         scripts/train_focalpo.py --recipe full --output-dir runs/mistral-full
+Eight GPUs, the LoRA recipes as data parallelism:
+    accelerate launch --config_file configs/accelerate/ddp_8gpu.yaml \\
+        scripts/train_focalpo.py --recipe lora --output-dir runs/mistral-lora
 CPU smoke test on two processes (gloo DDP; `accelerate launch --cpu` would run only one):
     torchrun --nproc_per_node 2 scripts/train_focalpo.py --smoke --output-dir /tmp/smoke
+
+LoRA under ZeRO-3 or FSDP, and the full recipe under FSDP, are refused before anything loads
+(see ``focalpo_mini.recipes.check_launch``). A checkpoint is written every ``--save-steps``
+steps; running the same command again resumes from the newest one in ``--output-dir``.
 
 Every process writes ``<output-dir>/ranks/rank<k>.json`` (its rank, the world size, the optimiser
 steps it ran and its last logged loss), so a launcher can check that all of them trained.
@@ -25,6 +32,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from focalpo_mini.memory import RECIPES
 from focalpo_mini.recipes import (
+    ProgressReport,
     RunSettings,
     build_trainer,
     generate_samples,
@@ -32,6 +40,7 @@ from focalpo_mini.recipes import (
     load_preference_data,
     process_state,
     sample_prompts,
+    train,
 )
 
 
@@ -58,6 +67,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunSettings, int]:
     parser.add_argument("--num-train-epochs", type=float, default=defaults.num_train_epochs)
     parser.add_argument("--max-steps", type=int, default=defaults.max_steps)
     parser.add_argument("--num-pairs", type=int, default=None, help="default: whole split")
+    parser.add_argument("--warmup-ratio", type=float, default=defaults.warmup_ratio)
+    parser.add_argument("--save-steps", type=int, default=defaults.save_steps)
+    parser.add_argument("--save-total-limit", type=int, default=defaults.save_total_limit)
     parser.add_argument("--lora-r", type=int, default=defaults.lora_r)
     parser.add_argument("--lora-alpha", type=int, default=defaults.lora_alpha)
     parser.add_argument(
@@ -86,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     before = generate_samples(model, tokenizer, prompts, settings.max_new_tokens)
 
     trainer = build_trainer(settings, model, tokenizer, train_data)
-    trainer.train()
+    trainer.add_callback(ProgressReport())
+    train(trainer)  # resumes from the newest checkpoint in output_dir, if there is one
     trainer.save_model(settings.output_dir)  # the adapter alone with LoRA; the model with full
 
     after = generate_samples(trainer.model, tokenizer, prompts, settings.max_new_tokens)

@@ -47,12 +47,13 @@ def test_two_processes_train_the_full_recipe(tmp_path):
 
 
 def test_accelerate_configs_parse_and_target_eight_bf16_gpus():
+    """ZeRO-3 for the full recipe, DDP for the LoRA recipes. No FSDP config: check_launch refuses
+    every recipe under FSDP (tests/test_recipes.py)."""
     from accelerate.commands.config.config_args import ClusterConfig
     from accelerate.utils import DistributedType
 
     expected = {
         "deepspeed_zero3_8gpu.yaml": DistributedType.DEEPSPEED,
-        "fsdp_8gpu.yaml": DistributedType.FSDP,
         "ddp_8gpu.yaml": DistributedType.MULTI_GPU,
     }
     configs = sorted(p.name for p in (ROOT / "configs" / "accelerate").glob("*.yaml"))
@@ -63,5 +64,14 @@ def test_accelerate_configs_parse_and_target_eight_bf16_gpus():
         assert (config.num_processes, config.mixed_precision, config.use_cpu) == (8, "bf16", False)
     zero3 = ClusterConfig.from_yaml_file(str(ROOT / "configs/accelerate/deepspeed_zero3_8gpu.yaml"))
     assert zero3.deepspeed_config["zero_stage"] == 3
-    fsdp = ClusterConfig.from_yaml_file(str(ROOT / "configs/accelerate/fsdp_8gpu.yaml"))
-    assert fsdp.fsdp_config["fsdp_reshard_after_forward"] is True  # full sharding
+    # Partitioned loading: recipes.load_model_and_tokenizer builds the arguments first.
+    assert zero3.deepspeed_config["zero3_init_flag"] is True
+
+
+def test_deepspeed_is_an_extra():
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    assert any(dep.startswith("deepspeed") for dep in extras["deepspeed"])
