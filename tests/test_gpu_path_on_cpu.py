@@ -8,6 +8,7 @@ Triton kernels (all GPU-only). QLoRA runs bitsandbytes' CPU 4-bit kernels.
 """
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +24,8 @@ from focalpo_mini.recipes import (
     smoke_preference_data,
     train,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # Zephyr's chat format (HuggingFaceH4/mistral-7b-sft-beta): a role tag on its own line, the
 # message, then the end-of-sequence token; the generation prompt opens the assistant's turn.
@@ -114,3 +117,36 @@ def test_non_smoke_path_trains_and_saves(recipe, hub_stand_in, tmp_path, one_thr
     trainer.save_model(settings.output_dir)
     saved = "model.safetensors" if recipe == "full" else "adapter_model.safetensors"
     assert (tmp_path / "out" / saved).is_file()
+
+
+def test_alpaca_eval_config_uses_the_models_chat_format():
+    """The AlpacaEval prompt is what the Zephyr-style chat template makes of one user turn, with
+    Mistral's end-of-sequence token, and the generation settings are spelled out."""
+    import jinja2
+    import yaml
+
+    folder = ROOT / "configs" / "alpaca_eval" / "focalpo-mistral-7b"
+    (name, config), *others = yaml.safe_load((folder / "configs.yaml").read_text()).items()
+    assert not others and name == "focalpo-mistral-7b"
+    template = folder.parent / config["prompt_template"]
+    rendered = jinja2.Template(ZEPHYR_STYLE_TEMPLATE).render(
+        messages=[{"role": "user", "content": "{instruction}"}],
+        eos_token="</s>",
+        add_generation_prompt=True,
+    )
+    assert template.read_text() == rendered
+    kwargs = config["completions_kwargs"]
+    assert {"max_new_tokens", "temperature", "top_p", "do_sample"} <= set(kwargs)
+    assert kwargs["model_kwargs"]["torch_dtype"] == "bfloat16"
+
+
+def test_arena_hard_settings_are_v0_1_with_the_gpt4_turbo_judge():
+    import yaml
+
+    folder = ROOT / "configs" / "arena_hard"
+    answers = yaml.safe_load((folder / "gen_answer_config.yaml").read_text())
+    endpoints = yaml.safe_load((folder / "api_config.yaml").read_text())
+    assert answers["bench_name"] == "arena-hard-v0.1"
+    assert set(answers["model_list"]) <= set(endpoints)
+    assert "gpt-4-1106-preview" in endpoints
+    assert "gpt-4-1106-preview" in (folder / "gen_answer_config.yaml").read_text()
