@@ -10,19 +10,21 @@ import base64
 import html
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import ipywidgets as widgets
 import matplotlib as mpl
 import matplotlib.pyplot as plt
+import numpy as np
 import torch
 from cycler import cycler
 from IPython.display import display
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from PIL import Image
 
-from focalpo_mini._checks import check_number
+from focalpo_mini._checks import check_float_tensor, check_int, check_number
 from focalpo_mini.losses import focal_loss, gradient_weight
 
 # Okabe-Ito palette.
@@ -46,9 +48,6 @@ LOSS_COLORS = {
     "focal": VERMILLION,
 }
 """One colour per loss, used by every figure in the book."""
-
-CORRECT_SHADE = "#009E7318"  # bluish green, mostly transparent: correctly ranked pairs (z > 0)
-INCORRECT_SHADE = "#D55E0018"  # vermillion, mostly transparent: misranked pairs (z < 0)
 
 
 def apply_style() -> None:
@@ -93,9 +92,9 @@ def new_figure(
     return fig, (axes if ncols == 1 else list(axes))
 
 
-# --- The gamma explorer: gradient weight against the reward margin -----------------------------
+# --- The gamma explorer: gradient weight against the reward margin, on measured margins ---------
 
-EXPLORER_GAMMAS = (0.0, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0)
+EXPLORER_GAMMAS = (0.0, 0.25, 0.5, 1.0, 2.0, 5.0)
 """The gamma grid of the static explorer's frames."""
 
 WEIGHT_LABELS = {
@@ -106,37 +105,19 @@ WEIGHT_LABELS = {
 }
 """Legend label of each gradient-weight curve, keyed like ``LOSS_COLORS``."""
 
-_SHORT_LABELS = {
+SHORT_LABELS = {
     "dpo": "DPO",
-    "focalpo": "FocalPO\nin graph",
-    "focalpo_detached": "FocalPO\ndetached",
-    "focal": "focal\ndirection",
+    "focalpo": "FocalPO, in graph",
+    "focalpo_detached": "FocalPO, detached",
+    "focal": "focal direction",
 }
+"""A few words for each loss, keyed like ``LOSS_COLORS``: bar legends and alt text."""
+
+P_TICKS = (0.01, 0.1, 0.5, 0.9, 0.99)
+"""Where the explorer's top axis marks p = sigmoid(z)."""
+
 _WEIGHT_YLIM = (-0.2, 1.35)  # holds every curve for gamma in [0, 5], so frames share one scale
-
-
-def reference_margins(*, mean: float = 5.0, std: float = 20.0, n: int = 2001) -> torch.Tensor:
-    """A deterministic population of reward margins h: the n quantiles of Normal(mean, std**2).
-
-    An illustrative population, not a measured one: with the defaults and beta = 0.1 about 40% of
-    the pairs are misranked (h < 0), as for a model early in preference training.
-
-    Args:
-        mean, std: mean and standard deviation of h, in nats (``std > 0``).
-        n: number of pairs, ``>= 2``.
-
-    Returns:
-        h, shape ``(n,)``, float64, sorted ascending.
-
-    Raises:
-        ValueError: if ``std <= 0`` or ``n < 2``.
-    """
-    if not std > 0:
-        raise ValueError(f"std must be > 0, got {std}")
-    if not isinstance(n, int) or n < 2:
-        raise ValueError(f"n must be an int >= 2, got {n!r}")
-    levels = (torch.arange(n, dtype=torch.float64) + 0.5) / n
-    return torch.distributions.Normal(float(mean), float(std)).icdf(levels)
+_ZERO_MARGIN = 1e-6  # |z| below this counts as "not moved yet" in the alt text
 
 
 def loss_weights(
@@ -150,7 +131,7 @@ def loss_weights(
     :func:`focalpo_mini.losses.focal_loss` (target 1, no alpha).
 
     Args:
-        z: preference logits, shape ``(N,)``, floating point.
+        z: reward margins (preference logits), shape ``(N,)``, floating point.
         gamma: exponent of the modulating factor, ``>= 0``.
         detach: None for both FocalPO forms, True for the detached one only, False for the
             in-graph one only.
@@ -172,26 +153,46 @@ def loss_weights(
     return weights
 
 
-def weight_split(weight: torch.Tensor, z: torch.Tensor) -> tuple[float, float]:
-    """Mean gradient weight per pair that goes to misranked (z < 0) and to correctly ranked (z > 0)
-    pairs: ``(mean(w * [z < 0]), mean(w * [z > 0]))``. The two add up to ``mean(w)`` when no z is 0.
+def weight_share(weight: torch.Tensor, group: torch.Tensor) -> float:
+    """Share of the total absolute gradient weight, sum_i |w_i|, that falls on the pairs in
+    ``group``. Absolute values, because the in-graph FocalPO weight is negative for
+    p < e^(-1/gamma): a pair pushed the wrong way still takes its part of the update.
 
     Args:
-        weight, z: shape ``(N,)``, the weight of each pair and its preference logit.
+        weight: shape ``(N,)``, the gradient weight of each pair.
+        group: bool, shape ``(N,)``: the pairs whose share to return.
+
+    Returns:
+        A float in [0, 1].
+
+    Raises:
+        TypeError, ValueError: for a bad argument (or a weight that is 0 for every pair); the
+            message names it.
     """
-    if weight.shape != z.shape or weight.ndim != 1:
+    check_float_tensor("weight", weight, ndim=1)
+    if not isinstance(group, torch.Tensor) or group.dtype != torch.bool:
+        raise TypeError(f"group must be a bool tensor, got {_describe(group)}")
+    if group.shape != weight.shape:
         raise ValueError(
-            f"weight and z must have the same shape (N,), got {tuple(weight.shape)} "
-            f"and {tuple(z.shape)}"
+            f"group has shape {tuple(group.shape)}, expected {tuple(weight.shape)} like weight"
         )
-    misranked = (weight * (z < 0)).mean().item()
-    correct = (weight * (z > 0)).mean().item()
-    return misranked, correct
+    total = weight.abs().sum()
+    if not total > 0:
+        raise ValueError("weight is 0 for every pair: no share to divide")
+    return (weight.abs()[group].sum() / total).item()
 
 
-def sign_flip_margin(*, gamma: float, beta: float) -> float | None:
-    """The margin h below which the in-graph FocalPO gradient pushes z down: p = exp(-1/gamma),
-    so h = logit(exp(-1/gamma)) / beta. None for gamma = 0 (DPO never flips)."""
+def sign_flip_margin(*, gamma: float, beta: float = 1.0) -> float | None:
+    """Where the in-graph FocalPO gradient turns negative, p = exp(-1/gamma), as a margin.
+
+    With ``beta=1`` it is the reward margin z = logit(exp(-1/gamma)); with the run's beta, the
+    log-ratio difference h = z / beta. None for gamma = 0 (DPO never flips).
+
+    Raises:
+        TypeError, ValueError: if ``gamma < 0`` or ``beta <= 0``; the message names it.
+    """
+    gamma = check_number("gamma", gamma, minimum=0.0)
+    beta = check_number("beta", beta, minimum=0.0, inclusive=False)
     if gamma == 0:
         return None
     log_p = -1.0 / gamma
@@ -202,77 +203,57 @@ def plot_gradient_weights(
     ax: Axes,
     *,
     gamma: float,
-    beta: float = 0.1,
     detach: bool | None = None,
-    h_max: float = 60.0,
+    z_max: float = 5.0,
     n_points: int = 601,
-    split_ax: Axes | None = None,
-    margins: torch.Tensor | None = None,
 ) -> dict[str, Line2D]:
-    """Draw each loss's gradient weight w against the reward margin h, on ``ax``.
+    """Draw each loss's gradient weight w against the reward margin z, on ``ax``.
 
-    The curves are :func:`loss_weights` at z = beta * h for h on ``linspace(-h_max, h_max,
-    n_points)``. Misranked (h < 0) and correctly ranked (h > 0) pairs are shaded, and the
-    in-graph FocalPO sign flip, p = exp(-1/gamma), is marked. With ``split_ax``, a bar chart there
-    shows how each loss's weight divides between misranked and correctly ranked pairs of the
-    population ``margins`` (default :func:`reference_margins`). Both explorers draw with this.
+    The curves are :func:`loss_weights` on ``linspace(-z_max, z_max, n_points)``. A second x
+    axis on top marks p = sigmoid(z) at :data:`P_TICKS`. Margins the implicit reward misranks
+    (z < 0) are shaded, and the in-graph FocalPO sign flip, p = exp(-1/gamma), is marked.
 
     Args:
         ax: the axes for the curves.
         gamma: exponent of the modulating factor, ``>= 0``.
-        beta: the DPO beta, ``> 0``; z = beta * h.
         detach: which FocalPO forms to draw (see :func:`loss_weights`).
-        h_max: half-width of the margin axis, nats, ``> 0``.
+        z_max: half-width of the margin axis, ``> 0``.
         n_points: points per curve, ``>= 2``.
-        split_ax: optional axes for the bar chart.
-        margins: optional population of margins h for the bar chart, shape ``(N,)``, nats.
 
     Returns:
-        The curves, keyed like :func:`loss_weights`; each line's x data is h and y data is w.
+        The curves, keyed like :func:`loss_weights`; each line's x data is z and y data is w.
 
     Raises:
         TypeError, ValueError: for a bad argument; the message names it.
     """
     gamma = check_number("gamma", gamma, minimum=0.0)
-    beta = check_number("beta", beta, minimum=0.0, inclusive=False)
-    h_max = check_number("h_max", h_max, minimum=0.0, inclusive=False)
-    if not isinstance(n_points, int) or n_points < 2:
+    z_max = check_number("z_max", z_max, minimum=0.0, inclusive=False)
+    if isinstance(n_points, bool) or not isinstance(n_points, int) or n_points < 2:
         raise ValueError(f"n_points must be an int >= 2, got {n_points!r}")
 
-    h = torch.linspace(-h_max, h_max, n_points, dtype=torch.float64)
-    ax.axvspan(-h_max, 0.0, color=INCORRECT_SHADE, lw=0)
-    ax.axvspan(0.0, h_max, color=CORRECT_SHADE, lw=0)
+    z = torch.linspace(-z_max, z_max, n_points, dtype=torch.float64)
+    ax.axvspan(-z_max, 0.0, color=GREY, alpha=0.12, lw=0)
     ax.axhline(0.0, color=GREY, lw=0.8)
-    ax.text(-0.97 * h_max, 1.28, "misranked (h < 0)", color=VERMILLION, fontsize=9, va="top")
-    ax.text(
-        0.97 * h_max,
-        1.28,
-        "correctly ranked (h > 0)",
-        color=BLUISH_GREEN,
-        fontsize=9,
-        va="top",
-        ha="right",
-    )
+    ax.text(-0.97 * z_max, 1.28, "z < 0", color=GREY, fontsize=8, va="top")
+    ax.text(0.97 * z_max, 1.28, "z > 0", color=GREY, fontsize=8, va="top", ha="right")
 
     lines = {}
-    for name, weight in loss_weights(beta * h, gamma=gamma, detach=detach).items():
-        style = "--" if name == "focal" else "-"
+    for name, weight in loss_weights(z, gamma=gamma, detach=detach).items():
         (lines[name],) = ax.plot(
-            h.numpy(),
+            z.numpy(),
             weight.numpy(),
-            style,
+            "--" if name == "focal" else "-",
             color=LOSS_COLORS[name],
             lw=2,
             label=WEIGHT_LABELS[name],
         )
 
-    flip = sign_flip_margin(gamma=gamma, beta=beta)
+    flip = sign_flip_margin(gamma=gamma)
     if flip is not None and detach is not True:
-        if -h_max < flip < h_max:
+        if -z_max < flip < z_max:
             ax.axvline(flip, color=BLUE, ls=":", lw=1.2)
-            label = f"sign flip\n$p = e^{{-1/\\gamma}}$ = {math.exp(-1 / gamma):.3f}"
             ax.annotate(
-                label,
+                f"sign flip, p = {math.exp(-1 / gamma):.3g}",
                 (flip, -0.17),
                 xytext=(4, 0),
                 textcoords="offset points",
@@ -282,166 +263,398 @@ def plot_gradient_weights(
             )
         else:
             ax.text(
-                -0.97 * h_max,
+                -0.97 * z_max,
                 -0.17,
-                f"sign flip at h = {flip:.0f}, off the axis",
+                f"sign flip at z = {flip:.0f}, off the axis",
                 color=BLUE,
                 fontsize=8,
                 va="bottom",
             )
 
-    ax.set_xlim(-h_max, h_max)
+    ax.set_xlim(-z_max, z_max)
     ax.set_ylim(*_WEIGHT_YLIM)
-    ax.set_xlabel(f"reward margin h (nats); z = βh, β = {beta:g}")
+    ax.set_xlabel("reward margin z = βh")
     ax.set_ylabel("gradient weight w = −∂L/∂z")
-    ax.set_title(f"γ = {gamma:g}: gradient weight of each loss against the margin")
-    ax.legend(loc="upper right", bbox_to_anchor=(1.0, 0.9))
-
-    if split_ax is not None:
-        _plot_weight_split(split_ax, gamma=gamma, beta=beta, detach=detach, margins=margins)
+    top = ax.secondary_xaxis("top", functions=(_sigmoid, _logit))
+    top.set_xticks(list(P_TICKS), [f"{p:g}" for p in P_TICKS])
+    top.set_xlabel("p = σ(z)")
+    ax.legend(loc="upper right", bbox_to_anchor=(1.0, 0.92), fontsize=8)
     return lines
+
+
+def plot_margin_histogram(
+    ax: Axes, z: torch.Tensor, ref_misranked: torch.Tensor, *, z_max: float = 5.0
+) -> None:
+    """A stacked histogram of measured reward margins, split by whether the reference misranks
+    the pair (c > 0): the share of all pairs in each bin, in percent. Margins beyond ``z_max``
+    are drawn in the outermost bins.
+
+    Args:
+        ax: the axes.
+        z: reward margins, shape ``(N,)``.
+        ref_misranked: bool, shape ``(N,)``: the reference misranks the pair.
+        z_max: half-width of the margin axis, ``> 0``.
+
+    Raises:
+        TypeError, ValueError: for a bad argument; the message names it.
+    """
+    z_max = check_number("z_max", z_max, minimum=0.0, inclusive=False)
+    _check_margins({0: z}, ref_misranked)
+    clipped = z.detach().double().clamp(-z_max, z_max).numpy()
+    misranked = ref_misranked.numpy()
+    edges = torch.linspace(-z_max, z_max, 65).numpy()
+    share = 100.0 / len(clipped)
+    ax.hist(
+        [clipped[~misranked], clipped[misranked]],
+        bins=edges,
+        stacked=True,
+        weights=[[share] * int((~misranked).sum()), [share] * int(misranked.sum())],
+        color=[BLUISH_GREEN, VERMILLION],
+        label=["reference ranks correctly (c ≤ 0)", "reference misranks (c > 0)"],
+    )
+    ax.set_xlim(-z_max, z_max)
+    ax.set_xlabel("reward margin z = βh of the training pairs")
+    ax.set_ylabel("pairs (%)")
+    ax.legend(loc="upper left", fontsize=7)
+
+
+def plot_weight_shares(
+    ax: Axes,
+    z: torch.Tensor,
+    ref_misranked: torch.Tensor,
+    *,
+    gamma: float,
+    detach: bool | None = None,
+) -> dict[str, float]:
+    """Bars: the share of each loss's total absolute gradient weight sum_i |w(z_i)| that falls
+    on the pairs the reference misranks (:func:`weight_share`), with their share of the pairs
+    as a dotted line. Each bar is labelled with its value and named in the legend.
+
+    Args:
+        ax: the axes.
+        z: reward margins, shape ``(N,)``.
+        ref_misranked: bool, shape ``(N,)``: the reference misranks the pair.
+        gamma, detach: as in :func:`loss_weights`.
+
+    Returns:
+        The shares, keyed like :func:`loss_weights`.
+
+    Raises:
+        TypeError, ValueError: for a bad argument; the message names it.
+    """
+    _check_margins({0: z}, ref_misranked)
+    z = z.detach().double()
+    shares = {
+        name: weight_share(weight, ref_misranked)
+        for name, weight in loss_weights(z, gamma=gamma, detach=detach).items()
+    }
+    for i, (name, share) in enumerate(shares.items()):
+        ax.bar(i, 100 * share, color=LOSS_COLORS[name], label=SHORT_LABELS[name])
+        ax.annotate(
+            f"{share:.0%}",
+            (i, 100 * share),
+            xytext=(0, 2),
+            textcoords="offset points",
+            ha="center",
+            fontsize=8,
+        )
+    data_share = ref_misranked.double().mean().item()
+    ax.axhline(100 * data_share, color=GREY, ls=":", lw=1.5, label="their share of the pairs")
+    ax.set_xticks([])
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("share of Σ|w| (%)")
+    ax.set_title("Σ|w| on pairs the\nreference misranks", fontsize=10)
+    ax.legend(loc="upper left", fontsize=7)
+    return shares
 
 
 def explorer_figure(
     *,
     gamma: float,
-    beta: float = 0.1,
+    z: torch.Tensor,
+    ref_misranked: torch.Tensor,
+    step: int,
     detach: bool | None = None,
-    width: float = 8.0,
-    height: float = 4.5,
+    width: float = 9.0,
+    height: float = 5.0,
 ) -> Figure:
-    """The explorer's figure: the weight curves and, beside them, the weight split of
-    :func:`reference_margins` (see :func:`plot_gradient_weights`). Width and height in inches."""
-    fig, (ax, split_ax) = plt.subplots(
-        1, 2, figsize=(width, height), layout="constrained", width_ratios=(2.4, 1.0)
-    )
-    plot_gradient_weights(ax, gamma=gamma, beta=beta, detach=detach, split_ax=split_ax)
-    return fig
-
-
-def explorer_frames(
-    gammas: Sequence[float] = EXPLORER_GAMMAS, *, beta: float = 0.1, dpi: int = 80
-) -> list[bytes]:
-    """One PNG of :func:`explorer_figure` per gamma, each 8 x 4.5 inches at ``dpi`` (640 x 360
-    pixels at the default 80 dpi)."""
-    frames = []
-    for gamma in gammas:
-        fig = explorer_figure(gamma=gamma, beta=beta)
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=dpi, bbox_inches=None)
-        plt.close(fig)
-        frames.append(buffer.getvalue())
-    return frames
-
-
-def explorer_frame_alt(gamma: float, *, beta: float) -> str:
-    """The alt text of the explorer's frame for ``gamma``: what the figure shows, in words."""
-    if gamma == 0:
-        flip = "every loss is DPO at γ = 0, so all the curves coincide"
-    else:
-        p = math.exp(-1 / gamma)  # the sign flip; as a margin h = logit(p) / beta
-        flip = (
-            f"in-graph FocalPO turns negative below p = e^(-1/γ) = {p:.3g}, "
-            f"that is a margin h below {math.log(p / (1 - p)) / beta:.3g} nats"
-        )
-    return (
-        f"Gradient weight against the reward margin at γ = {gamma:g}, β = {beta:g}, for DPO, "
-        f"FocalPO with p^γ in the graph and detached, and the focal direction (1 - p)^γ; {flip}. "
-        "Bars: the mean weight per pair each loss puts on misranked and on correctly ranked pairs."
-    )
-
-
-def gamma_explorer_static(
-    gammas: Sequence[float] = EXPLORER_GAMMAS, *, beta: float = 0.1, dpi: int = 80
-) -> widgets.VBox:
-    """A gamma slider that works on a static web page, with no kernel.
-
-    Each gamma's figure is drawn in advance (:func:`explorer_frames`) and shown as an
-    ``<img>`` with alt text (:func:`explorer_frame_alt`) in an ``ipywidgets.HTML`` child of an
-    ``ipywidgets.Stack``; a ``SelectionSlider`` picks the child through ``jslink`` on its
-    ``index``, a link the browser runs from the saved widget state. (``ipywidgets.Image`` has no
-    alt text, and a ``tooltip`` on it stops html-manager 1.0 from drawing it at all.)
+    """The explorer's figure for one gamma and one training step: the weight curves
+    (:func:`plot_gradient_weights`), below them the measured margins at that step
+    (:func:`plot_margin_histogram`), and beside them the share of each loss's gradient weight on
+    the pairs the reference misranks (:func:`plot_weight_shares`).
 
     Args:
-        gammas: the frames' gammas, at least two, each ``>= 0``, distinct.
-        beta: the DPO beta of every frame, ``> 0``.
-        dpi: pixels per inch of the 8 x 4.5 inch frames.
-
-    Returns:
-        ``VBox([title, slider, stack, caption])``, carrying the CSS class
-        ``focalpo-gamma-explorer``; the slider's description is "γ".
+        gamma: exponent of the modulating factor, ``>= 0``.
+        z: the reward margins of the pairs at ``step``, shape ``(N,)``.
+        ref_misranked: bool, shape ``(N,)``: the reference misranks the pair (c > 0).
+        step: the training step ``z`` was measured at (for the title).
+        detach: which FocalPO forms to draw (see :func:`loss_weights`).
+        width, height: figure size in inches.
 
     Raises:
         TypeError, ValueError: for a bad argument; the message names it.
     """
-    gammas = [check_number("gammas", g, minimum=0.0) for g in gammas]
-    if len(gammas) < 2 or len(set(gammas)) != len(gammas):
-        raise ValueError(f"gammas must hold at least two distinct values, got {gammas}")
-    beta = check_number("beta", beta, minimum=0.0, inclusive=False)
-    width, height = 8 * dpi, round(4.5 * dpi)
-    images = [
-        widgets.HTML(
-            f'<img class="focalpo-explorer-frame" src="data:image/png;base64,'
-            f'{base64.b64encode(frame).decode("ascii")}" width="{width}" height="{height}" '
-            f'alt="{html.escape(explorer_frame_alt(g, beta=beta))}" '
-            'style="width: 100%; height: auto">',
-            layout=widgets.Layout(width="100%", max_width=f"{width}px"),
+    check_int("step", step, 0)
+    apply_style()
+    fig = plt.figure(figsize=(width, height), layout="constrained")
+    grid = fig.add_gridspec(2, 2, width_ratios=(2.6, 1.0), height_ratios=(2.0, 1.0))
+    ax = fig.add_subplot(grid[0, 0])
+    hist_ax = fig.add_subplot(grid[1, 0], sharex=ax)
+    share_ax = fig.add_subplot(grid[:, 1])
+    plot_gradient_weights(ax, gamma=gamma, detach=detach)
+    ax.set_xlabel("")
+    plot_margin_histogram(hist_ax, z, ref_misranked)
+    plot_weight_shares(share_ax, z, ref_misranked, gamma=gamma, detach=detach)
+    fig.suptitle(f"γ = {gamma:g}, training step {step}: each loss's weight on the pairs' margins")
+    return fig
+
+
+def explorer_frame_alt(
+    gamma: float, *, step: int, z: torch.Tensor, ref_misranked: torch.Tensor
+) -> str:
+    """The alt text of the explorer's frame for ``gamma`` at ``step``: what it shows, in words,
+    with the frame's measured shares.
+
+    Raises:
+        TypeError, ValueError: for a bad argument; the message names it.
+    """
+    gamma = check_number("gamma", gamma, minimum=0.0)
+    check_int("step", step, 0)
+    _check_margins({step: z}, ref_misranked)
+    z = z.detach().double()
+    if gamma == 0:
+        flip = "at γ = 0 every loss is DPO, so the curves coincide"
+    else:
+        flip = (
+            f"in-graph FocalPO turns negative below p = e^(-1/γ) = {math.exp(-1 / gamma):.3g}, "
+            f"that is a reward margin z below {sign_flip_margin(gamma=gamma):.3g}"
         )
-        for g, frame in zip(gammas, explorer_frames(gammas, beta=beta, dpi=dpi), strict=True)
-    ]
-    stack = widgets.Stack(children=images, selected_index=0)
-    slider = widgets.SelectionSlider(
-        options=[(f"{g:g}", g) for g in gammas],
-        value=gammas[0],
-        description="γ",
-        continuous_update=True,
-        layout=widgets.Layout(width="min(100%, 480px)"),
+    if bool((z.abs() < _ZERO_MARGIN).all()):
+        spread = "all at z = 0, where p = 1/2 for every pair"
+    else:
+        spread = (
+            f"median z {z[~ref_misranked].median():.2f} on the pairs the reference ranks "
+            f"correctly and {z[ref_misranked].median():.2f} on those it misranks"
+            if bool(ref_misranked.any() and (~ref_misranked).any())
+            else f"median z {z.median():.2f}"
+        )
+    shares = {
+        name: weight_share(weight, ref_misranked)
+        for name, weight in loss_weights(z, gamma=gamma).items()
+    }
+    listed = ", ".join(f"{SHORT_LABELS[name]} {share:.0%}" for name, share in shares.items())
+    return (
+        f"γ = {gamma:g}, training step {step}. Top: gradient weight against the reward margin z, "
+        f"with p = σ(z) on the top axis, for DPO, FocalPO with p^γ in the graph and detached, and "
+        f"the focal direction (1 - p)^γ; {flip}. Bottom: the reward margins of the {len(z)} "
+        f"training pairs at this step, {spread}. Right: the share of each loss's total |w| on the "
+        f"{int(ref_misranked.sum())} pairs the reference misranks "
+        f"({ref_misranked.double().mean().item():.0%} of the pairs): {listed}."
     )
-    widgets.jslink((slider, "index"), (stack, "selected_index"))
+
+
+def explorer_frames(
+    margins: Mapping[int, torch.Tensor],
+    ref_misranked: torch.Tensor,
+    *,
+    gammas: Sequence[float] = EXPLORER_GAMMAS,
+    dpi: int = 72,
+) -> list[list[bytes]]:
+    """PNGs of :func:`explorer_figure`, ``frames[i][j]`` for the i-th step of ``margins`` and
+    ``gammas[j]``; 9 x 5 inches at ``dpi`` (648 x 360 pixels at 72 dpi), with the colours
+    reduced to a palette to keep the page light."""
+    _check_margins(margins, ref_misranked)
+    frames = []
+    for step, z in margins.items():
+        row = []
+        for gamma in gammas:
+            fig = explorer_figure(gamma=gamma, z=z, ref_misranked=ref_misranked, step=step)
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format="png", dpi=dpi)
+            plt.close(fig)
+            buffer.seek(0)
+            palette = Image.open(buffer).convert("RGB").quantize(colors=96)
+            out = io.BytesIO()
+            palette.save(out, format="PNG", optimize=True)
+            row.append(out.getvalue())
+        frames.append(row)
+    return frames
+
+
+def gamma_explorer_static(
+    margins: Mapping[int, torch.Tensor],
+    ref_misranked: torch.Tensor,
+    *,
+    gammas: Sequence[float] = EXPLORER_GAMMAS,
+    run: str = "a training run",
+    dpi: int = 72,
+) -> widgets.VBox:
+    """A gamma slider and a training-step slider that work on a static web page, with no kernel.
+
+    Every (step, gamma) figure is drawn in advance (:func:`explorer_frames`) and shown as an
+    ``<img>`` with alt text (:func:`explorer_frame_alt`) in an ``ipywidgets.HTML``. The frames of
+    one step form an ``ipywidgets.Stack``, and the steps' stacks form an outer ``Stack``. The
+    step slider picks the outer stack's child and the gamma slider picks the child of every
+    inner stack, through ``jslink`` on each slider's ``index``: links the browser runs from the
+    saved widget state. (``ipywidgets.Image`` has no alt text, and a ``tooltip`` on it stops
+    html-manager 1.0 from drawing it at all.)
+
+    Args:
+        margins: ``{step: z}``, the measured reward margins z, shape ``(N,)``, of the same pairs
+            at two or more training steps, in the order the step slider shows them.
+        ref_misranked: bool, shape ``(N,)``: the reference misranks the pair (c > 0).
+        gammas: the frames' gammas, at least two, each ``>= 0``, distinct.
+        run: what produced ``margins``, for the title (e.g. "FocalPO γ = 0.5").
+        dpi: pixels per inch of the 9 x 5 inch frames.
+
+    Returns:
+        ``VBox([title, gamma slider, step slider, stack, caption])``, carrying the CSS class
+        ``focalpo-gamma-explorer``; the sliders' descriptions are "γ" and "step".
+
+    Raises:
+        TypeError, ValueError: for a bad argument; the message names it.
+    """
+    gammas = _check_gammas(gammas)
+    _check_margins(margins, ref_misranked)
+    if len(margins) < 2:
+        raise ValueError(f"margins must hold at least two steps, got {list(margins)}")
+    if not isinstance(run, str):
+        raise TypeError(f"run must be a str, got {_describe(run)}")
+    check_int("dpi", dpi, 1)
+    steps = list(margins)
+    width, height = 9 * dpi, 5 * dpi
+    frames = explorer_frames(margins, ref_misranked, gammas=gammas, dpi=dpi)
+    stacks = []
+    for step, row in zip(steps, frames, strict=True):
+        images = [
+            widgets.HTML(
+                f'<img class="focalpo-explorer-frame" src="data:image/png;base64,'
+                f'{base64.b64encode(png).decode("ascii")}" width="{width}" height="{height}" '
+                'alt="'
+                + html.escape(
+                    explorer_frame_alt(g, step=step, z=margins[step], ref_misranked=ref_misranked)
+                )
+                + '" style="width: 100%; height: auto">',
+                layout=widgets.Layout(width="100%", max_width=f"{width}px"),
+            )
+            for g, png in zip(gammas, row, strict=True)
+        ]
+        stacks.append(widgets.Stack(children=images, selected_index=0))
+    outer = widgets.Stack(children=stacks, selected_index=0)
+    layout = widgets.Layout(width="min(100%, 480px)")
+    gamma_slider = widgets.SelectionSlider(
+        options=[(f"{g:g}", g) for g in gammas], value=gammas[0], description="γ", layout=layout
+    )
+    step_slider = widgets.SelectionSlider(
+        options=[(str(s), s) for s in steps], value=steps[0], description="step", layout=layout
+    )
+    for stack in stacks:
+        widgets.jslink((gamma_slider, "index"), (stack, "selected_index"))
+    widgets.jslink((step_slider, "index"), (outer, "selected_index"))
     title = widgets.HTML(
-        "<b>γ explorer</b>: move the slider to change γ (frames drawn in advance, β = "
-        f"{beta:g}; works without a kernel)."
+        "<b>γ explorer</b>: choose γ and the training step. The margins are measured, from "
+        f"{html.escape(run)}; the frames were drawn when the page was built, so the sliders work "
+        "without a kernel."
     )
     caption = widgets.HTML(
-        "<i>Left: gradient weight of each loss against the reward margin. Right: mean weight per "
-        "pair on misranked and on correctly ranked pairs of an illustrative population.</i>"
+        "<i>Top left: the gradient weight w = −∂L/∂z of each loss against the reward margin z, "
+        "with p = σ(z) on the top axis. Bottom left: the training pairs' margins at the chosen "
+        "step, split by whether the reference misranks the pair. Right: the share of each loss's "
+        "total |w| on the pairs the reference misranks; the dotted line is their share of the "
+        "pairs.</i>"
     )
-    box = widgets.VBox([title, slider, stack, caption])
+    box = widgets.VBox([title, gamma_slider, step_slider, outer, caption])
     box.add_class("focalpo-gamma-explorer")
     return box
 
 
-def gamma_explorer(*, gamma: float = 0.5, beta: float = 0.1) -> widgets.VBox:
-    """The live gamma explorer: sliders for gamma and beta and a choice of FocalPO form redraw
-    :func:`explorer_figure`. Needs a running kernel (Jupyter, Colab); on a static page it is dead.
+def gamma_explorer(
+    margins: Mapping[int, torch.Tensor], ref_misranked: torch.Tensor, *, gamma: float = 0.5
+) -> widgets.VBox:
+    """The live gamma explorer: a continuous gamma slider, a step slider and a choice of FocalPO
+    form redraw :func:`explorer_figure`. Needs a running kernel (Jupyter, Colab); on a static
+    page it is dead.
 
     Args:
+        margins, ref_misranked: as in :func:`gamma_explorer_static` (one step is enough).
         gamma: initial gamma, in [0, 5].
-        beta: initial beta, in [0.01, 0.5].
 
     Returns:
-        ``VBox([title, controls, output])``.
+        ``VBox([title, controls, form, output])``.
+
+    Raises:
+        TypeError, ValueError: for a bad argument; the message names it.
     """
     gamma = check_number("gamma", gamma, minimum=0.0, maximum=5.0)
-    beta = check_number("beta", beta, minimum=0.01, maximum=0.5)
+    _check_margins(margins, ref_misranked)
     gamma_slider = widgets.FloatSlider(value=gamma, min=0.0, max=5.0, step=0.05, description="γ")
-    beta_slider = widgets.FloatSlider(value=beta, min=0.01, max=0.5, step=0.01, description="β")
+    step_slider = widgets.SelectionSlider(options=list(margins), description="step")
     form = widgets.ToggleButtons(
         options=[("both", None), ("in graph", False), ("detached", True)],
         value=None,
         description="FocalPO p^γ",
     )
 
-    def draw(gamma: float, beta: float, detach: bool | None) -> None:
-        fig = explorer_figure(gamma=gamma, beta=beta, detach=detach)
+    def draw(gamma: float, step: int, detach: bool | None) -> None:
+        fig = explorer_figure(
+            gamma=gamma, z=margins[step], ref_misranked=ref_misranked, step=step, detach=detach
+        )
         display(fig)
         plt.close(fig)
 
     output = widgets.interactive_output(
-        draw, {"gamma": gamma_slider, "beta": beta_slider, "detach": form}
+        draw, {"gamma": gamma_slider, "step": step_slider, "detach": form}
     )
     title = widgets.HTML("<b>Live γ explorer</b> (needs a running kernel: Jupyter or Colab)")
-    return widgets.VBox([title, widgets.HBox([gamma_slider, beta_slider]), form, output])
+    return widgets.VBox([title, widgets.HBox([gamma_slider, step_slider]), form, output])
+
+
+def _sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-np.asarray(z, dtype=float)))
+
+
+def _logit(p):
+    p = np.clip(np.asarray(p, dtype=float), 1e-12, 1 - 1e-12)
+    return np.log(p) - np.log1p(-p)
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _check_gammas(gammas: Sequence[float]) -> list[float]:
+    if isinstance(gammas, (str, bytes)) or not isinstance(gammas, Sequence):
+        raise TypeError(f"gammas must be a sequence of numbers, got {_describe(gammas)}")
+    gammas = [check_number("gammas", g, minimum=0.0) for g in gammas]
+    if len(gammas) < 2 or len(set(gammas)) != len(gammas):
+        raise ValueError(f"gammas must hold at least two distinct values, got {gammas}")
+    return gammas
+
+
+def _check_margins(margins: Mapping[int, torch.Tensor], ref_misranked: torch.Tensor) -> None:
+    """margins: a non-empty {step: z} of finite float (N,) tensors; ref_misranked: bool (N,)."""
+    if not isinstance(ref_misranked, torch.Tensor) or ref_misranked.dtype != torch.bool:
+        raise TypeError(f"ref_misranked must be a bool tensor, got {_describe(ref_misranked)}")
+    if ref_misranked.ndim != 1 or ref_misranked.numel() == 0:
+        raise ValueError(
+            f"ref_misranked must have shape (N,) with N >= 1, got {tuple(ref_misranked.shape)}"
+        )
+    if not isinstance(margins, Mapping) or not margins:
+        raise TypeError(
+            f"margins must be a non-empty {{step: z}} mapping, got {_describe(margins)}"
+        )
+    for step, z in margins.items():
+        check_int("margins' steps", step, 0)
+        check_float_tensor(f"margins[{step}]", z, ndim=1)
+        if z.shape != ref_misranked.shape:
+            raise ValueError(
+                f"margins[{step}] has shape {tuple(z.shape)}, expected "
+                f"{tuple(ref_misranked.shape)} like ref_misranked"
+            )
+        if not bool(torch.isfinite(z).all()):
+            raise ValueError(f"margins[{step}] holds NaN or infinite values")
 
 
 def _focal_direction_weight(z: torch.Tensor, *, gamma: float) -> torch.Tensor:
@@ -450,37 +663,6 @@ def _focal_direction_weight(z: torch.Tensor, *, gamma: float) -> torch.Tensor:
     loss = focal_loss(z, torch.ones_like(z), gamma=gamma, alpha=None, reduction="sum")
     (grad,) = torch.autograd.grad(loss, z)
     return -grad
-
-
-def _plot_weight_split(
-    ax: Axes,
-    *,
-    gamma: float,
-    beta: float,
-    detach: bool | None,
-    margins: torch.Tensor | None,
-) -> None:
-    h = reference_margins() if margins is None else margins.detach().to(torch.float64)
-    z = beta * h
-    weights = loss_weights(z, gamma=gamma, detach=detach)
-    names = list(weights)
-    width = 0.8 / len(names)
-    for i, name in enumerate(names):
-        misranked, correct = weight_split(weights[name], z)
-        offset = (i - (len(names) - 1) / 2) * width
-        ax.bar(
-            [offset, 1 + offset],
-            [misranked, correct],
-            width=width,
-            color=LOSS_COLORS[name],
-            label=_SHORT_LABELS[name].replace("\n", " "),
-        )
-    ax.axhline(0.0, color=GREY, lw=0.8)
-    ax.set_xticks([0, 1], ["misranked", "correct"])
-    ax.set_ylim(-0.1, 0.75)
-    ax.set_ylabel("mean weight per pair")
-    share = (z < 0).double().mean().item()
-    ax.set_title(f"Where it goes\n({share:.0%} misranked)")
 
 
 # --- Training curves of focalpo_mini.trainer.TrainResult ---------------------------------------
