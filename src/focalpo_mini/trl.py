@@ -6,14 +6,18 @@ This is the only module of ``focalpo_mini`` that imports ``trl``; install it wit
 
 from __future__ import annotations
 
-import math
+import inspect
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 from trl import DPOConfig, DPOTrainer
+from trl.trainer.utils import get_config_model_id
 
+from focalpo_mini._checks import check_flag, check_int, check_number
 from focalpo_mini.losses import DEFAULT_FOCALPO_GAMMA, focalpo_loss
 from focalpo_mini.metrics import preference_metrics
+from focalpo_mini.pairs import check_example
 
 # DPOConfig options that change DPO's loss. FocalPOTrainer computes its own loss, so anything but
 # the default would be silently ignored: FocalPOConfig rejects it instead.
@@ -40,7 +44,8 @@ class FocalPOConfig(DPOConfig):
 
     Every other field is ``DPOConfig``'s. The ones that select or reshape DPO's loss
     (``loss_type``, ``loss_weights``, ``ld_alpha``, ``f_divergence_type``, ``use_weighting``)
-    must keep their defaults, since FocalPO replaces that loss.
+    must keep their defaults, since FocalPO replaces that loss. ``beta`` must be > 0 and
+    ``max_length`` an integer >= 1 or None. Numbers may be NumPy scalars (``np.float32``).
     """
 
     gamma: float = field(
@@ -53,14 +58,11 @@ class FocalPOConfig(DPOConfig):
     )
 
     def __post_init__(self) -> None:
-        if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)):
-            raise TypeError(f"gamma must be a real number, got {type(self.gamma).__name__}")
-        if not math.isfinite(self.gamma) or self.gamma < 0:
-            raise ValueError(f"gamma must be a finite number >= 0, got {self.gamma}")
-        if not isinstance(self.detach_weight, bool):
-            raise TypeError(
-                f"detach_weight must be a bool, got {type(self.detach_weight).__name__}"
-            )
+        self.gamma = check_number("gamma", self.gamma, minimum=0.0)
+        check_flag("detach_weight", self.detach_weight)
+        self.beta = check_number("beta", self.beta, minimum=0.0, inclusive=False)
+        if self.max_length is not None:
+            self.max_length = check_int("max_length", self.max_length, 1)
         super().__post_init__()  # turns a string loss_type into a list
         for name, default in _DPO_LOSS_DEFAULTS.items():
             if getattr(self, name) != default:
@@ -73,10 +75,27 @@ class FocalPOConfig(DPOConfig):
 class FocalPOTrainer(DPOTrainer):
     """TRL's ``DPOTrainer`` with the per-pair DPO loss replaced by :func:`focalpo_loss`.
 
-    Give it a :class:`FocalPOConfig` as ``args``; everything else (datasets, ``ref_model``,
-    ``peft_config``, ``precompute_ref_log_probs``, logging) works as for ``DPOTrainer``. It logs
-    TRL's usual metrics under TRL's names, gathered across processes as TRL does, plus
-    ``focal/weight_mean``, the mean of p**gamma (the fraction of the DPO loss FocalPO keeps).
+    Give it a :class:`FocalPOConfig` as ``args`` (a plain ``DPOConfig`` is refused: it has no
+    ``gamma``; ``args=None`` gives ``FocalPOConfig("<model name>-FocalPO")``, as ``DPOTrainer``
+    makes its default); everything else (datasets, ``ref_model``, ``peft_config``,
+    ``precompute_ref_log_probs``, logging) works as for ``DPOTrainer``. It logs TRL's usual
+    metrics under TRL's names, gathered across processes as TRL does, plus
+    ``focal/weight_mean``, the mean of p**gamma (the fraction of the DPO loss FocalPO keeps),
+    and ``nonfinite_fraction`` (below).
+
+    Checks at construction: rows with a ``prompt`` column are validated like
+    :func:`focalpo_mini.pairs.prepare_pairs` does (three strings or three lists of
+    ``{"role", "content"}`` messages; the error names the row), and a warning counts the pairs
+    whose chosen and rejected token ids are the same after TRL's truncation to ``max_length``
+    (they have a zero gradient; TRL trains on them anyway).
+
+    Non-finite batches. Where TRL's DPOTrainer would carry on with a NaN loss (and NaN weights
+    after the step), a batch whose log-probs (policy or reference) hold NaN or inf gets a loss of
+    0 with an exactly-zero gradient instead, a warning naming the step, and counts in
+    ``nonfinite_fraction``: the fraction of batches so replaced since the last log (the logged
+    ``loss`` averages in those zeros). The optimizer still steps on the zero gradient, so AdamW's
+    momentum and weight decay still move the weights a little. A gradient that overflows in the
+    backward pass is the Trainer's business (fp16's GradScaler skips such steps).
 
     Only ``compute_loss`` is overridden. It relies on these internals of TRL 1.16.0, any of which
     a TRL upgrade may move:
@@ -94,6 +113,29 @@ class FocalPOTrainer(DPOTrainer):
       ``router_aux_loss_coef``, ``_tp_size``, ``_total_train_tokens`` and ``_metrics[mode]``
       (lists of per-step values that ``DPOTrainer.log`` averages).
     """
+
+    def __init__(self, model, ref_model=None, args: FocalPOConfig | None = None, *rest, **kwargs):
+        if args is None:
+            name = model if isinstance(model, str) else get_config_model_id(model.config)
+            args = FocalPOConfig(f"{name.split('/')[-1]}-FocalPO")
+        if not isinstance(args, FocalPOConfig):
+            raise TypeError(
+                f"args must be a FocalPOConfig (DPOConfig plus gamma and detach_weight), got "
+                f"{type(args).__name__}; build it with FocalPOConfig(**the same settings)"
+            )
+        signature = inspect.signature(DPOTrainer.__init__)
+        given = signature.bind(self, model, ref_model, args, *rest, **kwargs).arguments
+        for name in ("train_dataset", "eval_dataset"):
+            for split, dataset in _named_datasets(name, given.get(name)):
+                if "prompt" in (getattr(dataset, "column_names", None) or ()):
+                    for i, row in enumerate(dataset):
+                        check_example(row, f"{split} row {i}")
+        super().__init__(model, ref_model, args, *rest, **kwargs)
+        for split, dataset in [
+            *_named_datasets("train_dataset", self.train_dataset),
+            *_named_datasets("eval_dataset", self.eval_dataset),
+        ]:
+            _warn_identical_after_truncation(dataset, split, args)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The FocalPO loss of one collated batch (a scalar, mean over pairs); logs the metrics.
@@ -123,28 +165,45 @@ class FocalPOTrainer(DPOTrainer):
             ref_chosen_logps, ref_rejected_logps = self.compute_ref_log_probs(ref_model, inputs)
 
         args = self.args
-        loss = focalpo_loss(
-            chosen_logps,
-            rejected_logps,
-            ref_chosen_logps,
-            ref_rejected_logps,
-            beta=self.beta,
-            gamma=args.gamma,
-            detach_weight=args.detach_weight,
-        )
+        pair_logps = torch.stack(
+            [chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps], dim=1
+        ).detach()
+        finite = bool(torch.isfinite(pair_logps).all())
+        if finite:
+            loss = focalpo_loss(
+                chosen_logps,
+                rejected_logps,
+                ref_chosen_logps,
+                ref_rejected_logps,
+                beta=self.beta,
+                gamma=args.gamma,
+                detach_weight=args.detach_weight,
+            )
+        else:  # a float16/bfloat16 overflow: see the class docstring
+            warnings.warn(
+                f"{mode} step {self.state.global_step + 1}: a log-prob of this batch is NaN or "
+                "inf; its loss is replaced by 0 with a zero gradient",
+                stacklevel=2,
+            )
+            loss = _zero_loss(model)
+        # Every process takes part in every gather, whatever its own batch held.
+        skipped = self.accelerator.gather(torch.tensor([float(not finite)], device=loss.device))
+        self._metrics[mode]["nonfinite_fraction"].append(skipped.mean().item())
         if self.aux_loss_enabled:
-            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
+            if finite:
+                loss = loss + self.router_aux_loss_coef * outputs.aux_loss
             aux_loss = self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item()
             self._metrics[mode]["aux_loss"].append(aux_loss)
 
         self._log_token_metrics(mode, inputs, outputs, seq_len)
-        # One gather of all pairs' log-probs; then the same means TRL takes of its gathered tensors.
-        pair_logps = torch.stack(
-            [chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps], dim=1
-        ).detach()
-        gathered = self.accelerator.gather(pair_logps).unbind(dim=1)
-        for name, value in preference_metrics(*gathered, beta=self.beta, gamma=args.gamma).items():
-            self._metrics[mode][name].append(value)
+        # One gather of all pairs' log-probs; then the same means TRL takes of its gathered
+        # tensors, over the pairs whose log-probs are finite.
+        gathered = self.accelerator.gather(pair_logps)
+        gathered = gathered[torch.isfinite(gathered).all(dim=1)].unbind(dim=1)
+        if gathered[0].numel():
+            metrics = preference_metrics(*gathered, beta=self.beta, gamma=args.gamma)
+            for name, value in metrics.items():
+                self._metrics[mode][name].append(value)
 
         if return_outputs:  # for compute_metrics: the fused head builds no logits; recompute them
             with torch.no_grad():
@@ -185,3 +244,42 @@ class FocalPOTrainer(DPOTrainer):
         total = gather(chosen_mask.sum()).sum()
         accuracy = (correct / total).item() if total > 0 else 0.0
         self._metrics[mode]["mean_token_accuracy"].append(accuracy)
+
+
+def _zero_loss(model) -> torch.Tensor:
+    """0, with an exactly-zero gradient for every trainable parameter (none of them NaN, since
+    it does not go through the forward pass that produced the non-finite log-probs)."""
+    return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+
+
+def _named_datasets(name: str, dataset) -> list[tuple[str, object]]:
+    """``[(name, dataset)]``; for a dict of eval datasets, one entry per key."""
+    if dataset is None:
+        return []
+    if isinstance(dataset, dict):
+        return [(f"{name}[{key!r}]", d) for key, d in dataset.items()]
+    return [(name, dataset)]
+
+
+def _warn_identical_after_truncation(dataset, name: str, args: FocalPOConfig) -> None:
+    """Warn about tokenised pairs whose chosen and rejected sequences are the same after TRL
+    1.16's collator truncates prompt+completion to ``max_length``."""
+    columns = getattr(dataset, "column_names", None) or ()
+    if not {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(columns):
+        return  # an IterableDataset: not scanned
+    keep = slice(None, args.max_length)
+    if args.max_length is not None and args.truncation_mode == "keep_end":
+        keep = slice(-args.max_length, None)
+    identical = sum(
+        (prompt + chosen)[keep] == (prompt + rejected)[keep]
+        for prompt, chosen, rejected in zip(
+            dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"], strict=True
+        )
+    )
+    if identical:
+        warnings.warn(
+            f"{name}: {identical} pair(s) of {len(dataset)} have the same chosen and rejected "
+            f"token ids after truncation to max_length={args.max_length}; their loss has a zero "
+            "gradient (focalpo_mini.train skips such pairs, TRL keeps them)",
+            stacklevel=3,
+        )
