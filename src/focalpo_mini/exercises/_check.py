@@ -114,7 +114,7 @@ def read_tensor(name: str, case: str, expected: str, raw: Any) -> tuple[torch.Te
     if hint is not None:
         failed(name, case, expected, describe(raw), hint)
     try:
-        tensor = torch.as_tensor(raw)
+        tensor = _number_as_tensor(raw)
     except (TypeError, ValueError, RuntimeError):
         failed(name, case, expected, describe(raw), "return a tensor of numbers.")
     tensor = to_cpu(name, case, expected, tensor)
@@ -126,7 +126,7 @@ def read_float(name: str, case: str, expected: str, raw: Any) -> tuple[torch.Ten
     hint = type_hint(raw, "a float")
     if hint is not None:
         failed(name, case, expected, describe(raw), hint)
-    tensor = torch.as_tensor(raw)
+    tensor = _number_as_tensor(raw)
     if tensor.numel() != 1:
         failed(
             name,
@@ -137,6 +137,13 @@ def read_float(name: str, case: str, expected: str, raw: Any) -> tuple[torch.Ten
         )
     tensor = to_cpu(name, case, expected, tensor)
     return tensor.reshape(()).to(torch.float64), tensor.dtype
+
+
+def _number_as_tensor(raw: Any) -> torch.Tensor:
+    """``raw`` as a tensor; a Python number becomes float64 (as_tensor would make it float32)."""
+    if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+        return torch.tensor(float(raw), dtype=torch.float64)
+    return torch.as_tensor(raw)
 
 
 def precision_hint(dtype: torch.dtype) -> str:
