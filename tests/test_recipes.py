@@ -415,4 +415,5 @@ def test_7b_chapter_installs_the_pinned_versions():
     assert "%pip install" in setup and " -q" not in setup  # pip's restart notice stays visible
     assert not re.search(r"install[^\n]*\btorch\b", setup), "the setup cell must not install torch"
     check = "".join(cells[1]["source"])
-    assert "importlib.metadata" in check and "Restart" in check
+    # The check compares the imported modules' versions (what this kernel runs) with the pins.
+    assert "__version__" in check and "Restart the runtime" in check
