@@ -1,7 +1,9 @@
-"""The γ explorer works in the static book: moving γ by keyboard and by mouse changes the figure.
+"""The γ explorer works in the static book: moving γ, and moving the training step, by keyboard and
+by mouse, each change the figure, and every frame shown has alt text that says what it shows.
 
-No kernel runs: the slider and the stack of precomputed frames are linked in the browser (jslink),
-from the widget state myst-nb embedded at build time. Screenshots go to `_build/screenshots/`.
+No kernel runs: the two sliders and the stacks of precomputed frames are linked in the browser
+(jslink), from the widget state myst-nb embedded at build time. Screenshots go to
+`_build/screenshots/`.
 """
 
 from __future__ import annotations
@@ -13,29 +15,35 @@ import time
 from book_site import EXPLORER_PAGE, SCREENSHOTS, PageVisit, open_page, toc_docnames
 from PIL import Image, ImageChops
 
+FRAME = "img.focalpo-explorer-frame:visible"
 
-def _state(slider, output) -> dict:
-    """The displayed γ (readout), the frame's src and pixels, and a screenshot of the output."""
+
+def _readout(slider) -> str:
     readout = slider.locator(".widget-readout")
     if readout.count():
-        gamma = readout.first.inner_text().strip()
-    else:
-        gamma = slider.locator(".noUi-handle").first.get_attribute("aria-valuenow") or ""
-    frame = output.locator("img.focalpo-explorer-frame:visible").first
+        return readout.first.inner_text().strip()
+    return slider.locator(".noUi-handle").first.get_attribute("aria-valuenow") or ""
+
+
+def _state(sliders: dict, output) -> dict:
+    """Both readouts, the displayed frame's src, alt text and pixels, and a screenshot."""
+    frame = output.locator(FRAME).first
     frame.wait_for(state="visible", timeout=10_000)
-    assert frame.evaluate("img => img.complete && img.naturalWidth > 0"), "γ frame did not load"
+    assert output.locator(FRAME).count() == 1, "expected exactly one displayed frame"
+    assert frame.evaluate("img => img.complete && img.naturalWidth > 0"), "frame did not load"
     return {
-        "gamma": gamma,
+        **{name: _readout(slider) for name, slider in sliders.items()},
         "src": frame.get_attribute("src"),
+        "alt": (frame.get_attribute("alt") or "").strip(),
         "pixels": Image.open(io.BytesIO(frame.screenshot())).convert("RGB"),
         "screenshot": output.screenshot(),
     }
 
 
-def _wait_for_new_frame(slider, output, before: dict) -> dict:
+def _wait_for_new_frame(sliders, output, before: dict) -> dict:
     deadline = time.monotonic() + 10
     while True:
-        now = _state(slider, output)
+        now = _state(sliders, output)
         if now["src"] != before["src"] or time.monotonic() > deadline:
             return now
         time.sleep(0.1)
@@ -43,54 +51,93 @@ def _wait_for_new_frame(slider, output, before: dict) -> dict:
 
 def _save(state: dict, how: str) -> None:
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    gamma = re.sub(r"[^0-9A-Za-z.\-]+", "_", state["gamma"])
-    (SCREENSHOTS / f"gamma_explorer_{how}_gamma_{gamma}.png").write_bytes(state["screenshot"])
+    label = re.sub(r"[^0-9A-Za-z.\-]+", "_", f"gamma_{state['γ']}_step_{state['step']}")
+    (SCREENSHOTS / f"gamma_explorer_{how}_{label}.png").write_bytes(state["screenshot"])
 
 
-def _assert_changed(before: dict, after: dict, how: str) -> None:
-    assert after["gamma"] != before["gamma"], f"{how}: γ readout stayed at {before['gamma']}"
-    assert after["src"] != before["src"], f"{how}: γ is {after['gamma']} but the frame is unchanged"
+def _assert_described(state: dict) -> None:
+    """The frame's alt text names the γ and the step that the readouts show."""
+    assert state["alt"], "the displayed frame has no alt text"
+    expected = f"γ = {state['γ']}, training step {state['step']}."
+    assert state["alt"].startswith(expected), (
+        f"alt text {state['alt'][:80]!r}… does not start with {expected!r}"
+    )
+
+
+def _assert_changed(before: dict, after: dict, moved: str, how: str) -> None:
+    still = "step" if moved == "γ" else "γ"
+    assert after[moved] != before[moved], f"{how}: the {moved} readout stayed at {before[moved]}"
+    assert after[still] == before[still], f"{how}: moving {moved} also changed {still}"
+    assert after["src"] != before["src"], (
+        f"{how}: {moved} is {after[moved]} but the frame is unchanged"
+    )
+    assert after["alt"] != before["alt"], f"{how}: the frame changed but its alt text did not"
     assert before["pixels"].size == after["pixels"].size and (
         ImageChops.difference(before["pixels"], after["pixels"]).getbbox() is not None
-    ), f"{how}: the figure's pixels did not change (γ {before['gamma']} → {after['gamma']})"
+    ), f"{how}: the figure's pixels did not change ({moved} {before[moved]} → {after[moved]})"
+    _assert_described(after)
+
+
+def _press(slider, key: str) -> None:
+    handle = slider.locator(".noUi-handle").first
+    handle.focus()
+    handle.press(key)
+
+
+def _click_far_end(page, slider) -> None:
+    """Click the end of the track farther from the handle: the slider jumps to its first or last
+    value."""
+    track = slider.locator(".noUi-base").first.bounding_box()
+    handle_box = slider.locator(".noUi-handle").first.bounding_box()
+    handle_x = handle_box["x"] + handle_box["width"] / 2
+    left_half = handle_x < track["x"] + track["width"] / 2
+    target_x = track["x"] + track["width"] - 2 if left_half else track["x"] + 2
+    page.mouse.click(target_x, track["y"] + track["height"] / 2)
+
+
+def _slider(within, label: re.Pattern):
+    return within.locator(".widget-slider").filter(
+        has=within.locator(".widget-label", has_text=label)
+    )
 
 
 def test_gamma_explorer_changes_the_figure(browser, server):
     assert EXPLORER_PAGE in toc_docnames(), (
-        f"the γ explorer page {EXPLORER_PAGE} is not in _toc.yml (issue #6 adds it)"
+        f"the γ explorer page {EXPLORER_PAGE} is not in _toc.yml"
     )
     visit = PageVisit(docname=EXPLORER_PAGE, url=f"{server}{EXPLORER_PAGE}.html")
     page = open_page(browser, visit.url, visit)
-    slider = page.locator(".widget-slider").filter(
-        has=page.locator(".widget-label", has_text=re.compile("γ|gamma", re.IGNORECASE))
-    )
-    assert slider.count() >= 1, f"{EXPLORER_PAGE}: no slider labelled γ (widget state missing?)"
-    slider = slider.first
-    output = page.locator("div.cell_output").filter(has=slider).first
-    assert output.locator("img.focalpo-explorer-frame:visible").count() == 1, (
-        f"{EXPLORER_PAGE}: expected exactly one displayed frame next to the γ slider"
-    )
+    explorer = page.locator(".focalpo-gamma-explorer")
+    assert explorer.count() == 1, f"{EXPLORER_PAGE}: no γ explorer (widget state missing?)"
+    output = page.locator("div.cell_output").filter(has=explorer).first
+    sliders = {
+        "γ": _slider(output, re.compile(r"^\s*(γ|gamma)\s*$", re.IGNORECASE)),
+        "step": _slider(output, re.compile(r"^\s*step\s*$", re.IGNORECASE)),
+    }
+    for name, slider in sliders.items():
+        assert slider.count() == 1, f"{EXPLORER_PAGE}: expected one slider labelled {name}"
 
-    start = _state(slider, output)
+    start = _state(sliders, output)
+    _assert_described(start)
     _save(start, "start")
+    states = [start]
 
-    handle = slider.locator(".noUi-handle").first
-    handle.focus()
-    handle.press("ArrowRight")
-    by_keyboard = _wait_for_new_frame(slider, output, start)
-    _assert_changed(start, by_keyboard, "keyboard (ArrowRight)")
-    _save(by_keyboard, "keyboard")
-
-    track = slider.locator(".noUi-base").first.bounding_box()
-    handle_box = handle.bounding_box()
-    handle_x = handle_box["x"] + handle_box["width"] / 2
-    # Click the end of the track farther from the handle: the slider jumps to the first or last γ.
-    left_half = handle_x < track["x"] + track["width"] / 2
-    target_x = track["x"] + track["width"] - 2 if left_half else track["x"] + 2
-    page.mouse.click(target_x, track["y"] + track["height"] / 2)
-    by_mouse = _wait_for_new_frame(slider, output, by_keyboard)
-    _assert_changed(by_keyboard, by_mouse, "mouse (click on the track)")
-    _save(by_mouse, "mouse")
+    for moved, how, act in (
+        ("γ", "γ by keyboard (ArrowRight)", lambda: _press(sliders["γ"], "ArrowRight")),
+        ("step", "step by keyboard (ArrowRight)", lambda: _press(sliders["step"], "ArrowRight")),
+        ("γ", "γ by mouse (click on the track)", lambda: _click_far_end(page, sliders["γ"])),
+        (
+            "step",
+            "step by mouse (click on the track)",
+            lambda: _click_far_end(page, sliders["step"]),
+        ),
+    ):
+        act()
+        after = _wait_for_new_frame(sliders, output, states[-1])
+        _assert_changed(states[-1], after, moved, how)
+        _save(after, re.sub(r"\W+", "_", how.split(" (")[0]))
+        states.append(after)
+    assert len({state["src"] for state in states}) == len(states), "a frame was shown twice"
 
     page.context.close()
     assert not visit.blocked_requests, f"requests outside localhost: {visit.blocked_requests}"
