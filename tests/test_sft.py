@@ -44,7 +44,7 @@ def test_loss_decreases_on_the_target_column(tokenizer, small_model):
 
 def test_bad_input(tokenizer, small_model):
     model = small_model()
-    with pytest.raises(ValueError, match=r"columns 'prompt' and 'answer'; found columns"):
+    with pytest.raises(ValueError, match=r"row 0 is missing column\(s\) \['answer'\]; found"):
         supervised_finetune(model, tokenizer, make_preference_dataset(4), target="answer")
     with pytest.raises(ValueError, match="steps must be an integer >= 1"):
         supervised_finetune(model, tokenizer, make_preference_dataset(4), steps=0)

@@ -11,6 +11,8 @@ import random
 
 from datasets import Dataset
 
+from focalpo_mini._checks import check_flag, check_int, check_number
+
 PROMPT_PREFIX = "sort: "
 
 
@@ -26,10 +28,7 @@ def true_reward(prompt: str, completion: str) -> float:
     >>> true_reward("sort: 3 1 2\\n", "3 2 1")
     0.0
     """
-    if isinstance(prompt, list):  # conversational form: take the user's message
-        prompt = prompt[-1]["content"]
-    if isinstance(completion, list):
-        completion = completion[-1]["content"]
+    prompt, completion = _message_text("prompt", prompt), _message_text("completion", completion)
     digits = _parse_digits(prompt.strip().removeprefix(PROMPT_PREFIX.strip()))
     answer = _parse_digits(completion)
     if digits is None or answer is None or sorted(answer) != sorted(digits):
@@ -61,13 +60,15 @@ def make_preference_dataset(
         label_flipped: True where noise swapped the pair, i.e. ``chosen_reward < rejected_reward``.
 
     Raises:
-        ValueError: if ``n <= 0``, ``noise`` is outside [0, 1], or the lengths are not
-            2 <= min_len <= max_len <= 10.
+        TypeError, ValueError: if ``n`` is not an integer >= 1, ``noise`` a number in [0, 1],
+            ``seed`` an integer, ``conversational`` a bool, or the lengths integers with
+            2 <= min_len <= max_len <= 10; the message names the argument.
     """
-    if not isinstance(n, int) or n <= 0:
-        raise ValueError(f"n must be a positive integer, got {n!r}")
-    if not 0.0 <= noise <= 1.0:
-        raise ValueError(f"noise must be in [0, 1], got {noise!r}")
+    n = check_int("n", n, 1)
+    noise = check_number("noise", noise, minimum=0.0, maximum=1.0)
+    seed = check_int("seed", seed, 0)
+    check_flag("conversational", conversational)
+    min_len, max_len = check_int("min_len", min_len, 2), check_int("max_len", max_len, 2)
     if not 2 <= min_len <= max_len <= 10:
         raise ValueError(
             "min_len and max_len must satisfy 2 <= min_len <= max_len <= 10, "
@@ -97,6 +98,18 @@ def tokenizer_corpus(n: int = 4000, *, seed: int = 1234) -> list[str]:
         answer = rng.sample(digits, len(digits)) if rng.random() < 0.5 else sorted(digits)
         texts.append(_prompt(digits) + _fmt(answer))
     return texts
+
+
+def _message_text(name: str, value) -> str:
+    """A string, or the content of the last message of a conversational value."""
+    if isinstance(value, list) and value and isinstance(value[-1], dict):
+        value = value[-1].get("content")
+    if not isinstance(value, str):
+        raise TypeError(
+            f"{name} must be a string or a list of {{'role', 'content'}} messages, "
+            f"got {type(value).__name__} {value!r}"
+        )
+    return value
 
 
 def _make_pair(rng: random.Random, length: int) -> dict:

@@ -142,20 +142,20 @@ def prepare_pairs(
     return pairs, rows, stats
 
 
-def check_example(example, where: str) -> None:
+def check_example(example, where: str, columns: Sequence[str] = REQUIRED_COLUMNS) -> None:
     """Raise TypeError or ValueError, starting with ``where`` (e.g. ``"train_dataset row 3"``),
-    unless ``example`` is a preference row: ``prompt``, ``chosen`` and ``rejected`` all strings,
-    or all lists of ``{"role", "content"}`` messages, with non-empty completions."""
+    unless ``example`` is a preference row: ``prompt``, ``chosen`` and ``rejected`` (or the
+    given ``columns``: a prompt, then completions) all strings, or all lists of
+    ``{"role", "content"}`` messages, with non-empty completions."""
     if not isinstance(example, Mapping):
         raise TypeError(
-            f"{where} is a {type(example).__name__}; expected a dict with columns "
-            f"{list(REQUIRED_COLUMNS)}"
+            f"{where} is a {type(example).__name__}; expected a dict with columns {list(columns)}"
         )
-    missing = [c for c in REQUIRED_COLUMNS if c not in example]
+    missing = [c for c in columns if c not in example]
     if missing:
         raise ValueError(f"{where} is missing column(s) {missing}; found columns {list(example)}")
     kinds = {}
-    for column in REQUIRED_COLUMNS:
+    for column in columns:
         value = example[column]
         if isinstance(value, str):
             kinds[column] = "a string"
@@ -170,10 +170,10 @@ def check_example(example, where: str) -> None:
     if len(set(kinds.values())) > 1:
         found = ", ".join(f"{c} is {k}" for c, k in kinds.items())
         raise ValueError(
-            f"{where} mixes plain and conversational fields ({found}); use three strings or "
-            "three lists of messages"
+            f"{where} mixes plain and conversational fields ({found}); use strings only or "
+            "lists of messages only"
         )
-    for column in ("chosen", "rejected"):
+    for column in columns[1:]:
         if not _text(example[column]).strip():
             raise ValueError(f"{where}: the {column} completion is empty")
 

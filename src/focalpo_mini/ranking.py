@@ -17,6 +17,7 @@ from focalpo_mini._checks import (
     check_flag,
     check_number,
     check_pair_logps,
+    check_same_device,
     compute_dtype,
 )
 from focalpo_mini.losses import gradient_weight
@@ -130,6 +131,7 @@ def idealized_ranked_correctly(
                 f"alpha has shape {tuple(alpha.shape)}, expected a float or shape "
                 f"{tuple(ref_chosen_logps.shape)} like ref_chosen_logps"
             )
+        check_same_device(ref_chosen_logps=ref_chosen_logps, alpha=alpha)
         check_finite(alpha=alpha)
         alpha = alpha.to(dtype)
         if not bool(((alpha > 0) & (alpha < 1)).all()):
@@ -205,7 +207,8 @@ def gradient_share(
         gamma, detach_weight: as in :func:`focalpo_mini.gradient_weight`.
 
     Returns:
-        A float in [0, 1].
+        A float in [0, 1], or NaN when the batch has no gradient mass at all (every w(z_i) is 0,
+        e.g. underflowed for a very large gamma).
 
     Raises:
         TypeError, ValueError: for a bad argument; the message names it.
@@ -215,7 +218,9 @@ def gradient_share(
     _check_bool_pair(group=group)
     if group.shape != z.shape:
         raise ValueError(f"group has shape {tuple(group.shape)}, expected {tuple(z.shape)} like z")
-    return (weight[group].sum() / weight.sum()).item()
+    check_same_device(z=z, group=group)
+    total = weight.sum()
+    return (weight[group].sum() / total).item() if total > 0 else float("nan")
 
 
 def _check_bool_pair(**tensors: torch.Tensor) -> None:
@@ -231,3 +236,4 @@ def _check_bool_pair(**tensors: torch.Tensor) -> None:
         shapes.add(tuple(tensor.shape))
     if len(shapes) > 1:
         raise ValueError(f"{' and '.join(tensors)} must have the same shape, got {sorted(shapes)}")
+    check_same_device(**tensors)

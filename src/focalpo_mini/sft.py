@@ -6,9 +6,15 @@ import warnings
 
 import torch
 
-from focalpo_mini._checks import check_number
+from focalpo_mini._checks import check_int, check_number
 from focalpo_mini.logprobs import sequence_logps
-from focalpo_mini.pairs import collate_completions, pad_token_id, tokenize_completion
+from focalpo_mini.pairs import (
+    _rows,
+    check_example,
+    collate_completions,
+    pad_token_id,
+    tokenize_completion,
+)
 
 
 def supervised_finetune(
@@ -31,24 +37,32 @@ def supervised_finetune(
     to stop. Sequences longer than ``max_length`` lose completion tokens from the right; rows
     whose prompt fills ``max_length`` are dropped with a warning. AdamW at a constant learning
     rate, gradients clipped to norm 1; batches are drawn with a generator seeded by ``seed``.
+    ``dataset`` may be anything :func:`focalpo_mini.pairs.prepare_pairs` accepts, and its rows
+    are validated the same way (naming the row).
 
     Returns:
         The loss of every step, in nats per token.
 
     Raises:
-        ValueError: for a missing column or a bad argument.
+        TypeError, ValueError: for a missing column, a bad row or a bad argument.
     """
     for name, value in (("steps", steps), ("batch_size", batch_size), ("max_length", max_length)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    check_int("seed", seed, 0)
     check_number("learning_rate", learning_rate, minimum=0.0, inclusive=False)
-    columns = list(dataset.column_names)
-    if "prompt" not in columns or target not in columns:
-        raise ValueError(f"dataset needs columns 'prompt' and {target!r}; found columns {columns}")
+    if not isinstance(target, str):
+        raise TypeError(f"target must be a column name (str), got {type(target).__name__}")
+    examples = _rows(dataset, "dataset")
+    if not len(examples):
+        raise ValueError("dataset is empty: expected at least one row")
 
     rows, dropped = [], 0
-    for example in dataset:
+    for i, example in enumerate(examples):
+        check_example(example, f"dataset row {i}", columns=("prompt", target))
         row = tokenize_completion(tokenizer, example["prompt"], example[target])
+        if not row["prompt_ids"]:
+            raise ValueError(f"dataset row {i}: the prompt tokenises to no token")
         room = max_length - len(row["prompt_ids"])
         if room <= 0:
             dropped += 1
