@@ -54,6 +54,9 @@ def test_repository_settings_for_colab():
     repo = CONFIG["repository"]
     assert repo["url"].startswith("https://github.com/")
     assert repo["branch"]
+    # A fixed ref for the installs: a tag, or a full commit hash; never the moving branch.
+    ref = str(repo["install_ref"])
+    assert ref != repo["branch"] and re.fullmatch(r"v\d+\.\d+\.\d+|[0-9a-f]{40}", ref), ref
     assert repo.get("path_to_book", "") == "", "path_to_book must stay empty (Colab links break)"
     assert CONFIG["launch_buttons"]["colab_url"] == "https://colab.research.google.com"
 
@@ -70,7 +73,7 @@ def test_colab_setup_cell_installs_from_the_configured_repository(notebook):
     assert installs, f"{notebook.name} has no Colab setup cell that installs the package"
     for match in installs:
         assert match["url"] == CONFIG["repository"]["url"], f"{notebook.name}: {match['url']}"
-        assert match["branch"] == CONFIG["repository"]["branch"], (
+        assert match["branch"] == str(CONFIG["repository"]["install_ref"]), (
             f"{notebook.name}: {match['branch']}"
         )
 
