@@ -39,6 +39,10 @@ def test_check_accuracies_accepts_tensors_and_lists():
             "compares the policy's own log-probs",
         ),
         (lambda pc, pr, rc, rr, b: (_rate(pc >= pr), _rate(b * pc > b * pr)), "reference term"),
+        (
+            lambda pc, pr, rc, rr, b: (_rate(rc >= rr), _rate(b * (pc - rc) > b * (pr - rr))),
+            "uses the reference's log-probs",
+        ),
         (lambda pc, pr, rc, rr, b: (_rate(pc > pr), _rate(b * (pc - rc) > b * (pr - rr))), ">="),
         (
             lambda pc, pr, rc, rr, b: (_rate(pc >= pr), _rate(b * (pc - rc) >= b * (pr - rr))),

@@ -116,6 +116,11 @@ WRONG = [
     (part1.check_balanced_cross_entropy, lambda x, y, a: balanced_ce(x, y, 1 - a), "swapped"),
     (
         part1.check_balanced_cross_entropy,
+        lambda x, y, a: a * F.binary_cross_entropy_with_logits(x, y, reduction="none"),
+        "you multiplied every example by alpha",
+    ),
+    (
+        part1.check_balanced_cross_entropy,
         lambda x, y, a: -_alpha_t(y, a) * torch.log(_p_t(x, y)),
         "overflowed",
     ),
@@ -135,6 +140,11 @@ WRONG = [
         "alpha_t is missing",
     ),
     (part1.check_focal_loss, lambda x, y, g, a: focal(x, y, g, 1 - a), "swapped"),
+    (
+        part1.check_focal_loss,
+        lambda x, y, g, a: a * focal_loss(x, y, gamma=g, alpha=None, reduction="none"),
+        "you multiplied every example by alpha",
+    ),
     (
         part1.check_focal_loss,
         lambda x, y, g, a: (
