@@ -62,6 +62,7 @@ def sequence_logps(
     batch, length, vocab = logits.shape
     _check_index_tensor("labels", labels, (batch, length), bool_ok=False)
     _check_index_tensor("completion_mask", completion_mask, (batch, length), bool_ok=True)
+    check_same_device(logits=logits, labels=labels, completion_mask=completion_mask)
     if not bool(((completion_mask == 0) | (completion_mask == 1)).all()):
         raise ValueError("completion_mask must hold only 0 and 1")
     mask = completion_mask.bool()
@@ -72,7 +73,6 @@ def sequence_logps(
     if not bool((counts > 0).all()):
         rows = torch.nonzero(counts == 0).flatten().tolist()
         raise ValueError(f"completion_mask has no completion token in row(s) {rows}")
-    check_same_device(logits=logits, labels=labels, completion_mask=completion_mask)
     targets = labels[:, 1:][mask].long()  # gather needs int64 indices
     if not bool(((targets >= 0) & (targets < vocab)).all()):
         raise ValueError(f"labels at completion positions must be token ids in [0, {vocab})")
