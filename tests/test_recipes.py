@@ -236,6 +236,14 @@ def test_smoke_mode_says_which_of_your_settings_it_replaces():
     assert settings.max_steps == SMOKE_OVERRIDES["max_steps"]
 
 
+def test_numpy_numbers_are_accepted():
+    import numpy as np
+
+    config = training_config(RunSettings(smoke=True, gamma=np.float32(0.25), beta=np.float64(0.1)))
+    assert config.gamma == 0.25 and type(config.gamma) is float
+    assert config.beta == pytest.approx(0.1)
+
+
 def test_functions_refuse_what_is_not_settings():
     with pytest.raises(TypeError, match="settings must be a RunSettings"):
         training_config({"recipe": "qlora"})

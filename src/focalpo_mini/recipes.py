@@ -431,16 +431,17 @@ def training_config(settings: RunSettings) -> FocalPOConfig:
     settings = settings.resolved()
     return FocalPOConfig(
         output_dir=settings.output_dir,
-        gamma=settings.gamma,
-        beta=settings.beta,
-        learning_rate=settings.learning_rate,
-        max_length=settings.max_length,
-        per_device_train_batch_size=settings.per_device_train_batch_size,
-        gradient_accumulation_steps=settings.gradient_accumulation_steps,
-        num_train_epochs=settings.num_train_epochs,
-        max_steps=settings.max_steps,
+        # Plain Python numbers: RunSettings accepts numpy's too, DPOConfig may not.
+        gamma=float(settings.gamma),
+        beta=float(settings.beta),
+        learning_rate=float(settings.learning_rate),
+        max_length=int(settings.max_length),
+        per_device_train_batch_size=int(settings.per_device_train_batch_size),
+        gradient_accumulation_steps=int(settings.gradient_accumulation_steps),
+        num_train_epochs=float(settings.num_train_epochs),
+        max_steps=int(settings.max_steps),
         lr_scheduler_type="cosine",
-        warmup_steps=settings.warmup_ratio,
+        warmup_steps=float(settings.warmup_ratio),
         **device_arguments(settings.recipe),
         gradient_checkpointing=True,
         precompute_ref_log_probs=settings.recipe == "full",
@@ -450,10 +451,10 @@ def training_config(settings: RunSettings) -> FocalPOConfig:
         logging_steps=1 if settings.smoke else 10,
         logging_first_step=True,  # step 1 has a known loss, (1/2)**gamma ln 2: a sanity check
         save_strategy="steps",
-        save_steps=settings.save_steps,
-        save_total_limit=settings.save_total_limit,
+        save_steps=int(settings.save_steps),
+        save_total_limit=int(settings.save_total_limit),
         report_to=[],
-        seed=settings.seed,
+        seed=int(settings.seed),
         disable_tqdm=settings.smoke,
     )
 
