@@ -54,8 +54,21 @@ def _focal_grad_numerical(x, y, gamma):
     )
 
 
+def _autograd(loss: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    leaf = x.clone().requires_grad_(True)
+    return torch.autograd.grad(loss(leaf), leaf)[0]
+
+
+def _focal_grad(x, y, gamma):
+    return _autograd(lambda v: focal_loss(v, y, gamma=gamma, alpha=None, reduction="sum"), x)
+
+
 def _bt_nll(r, w, v):
     return -F.logsigmoid(r[w] - r[v]).mean()
+
+
+def _bt_grad(r, w, v):
+    return _autograd(lambda x: _bt_nll(x, w, v), r)
 
 
 def _bt_grad_numerical(r, w, v):
@@ -149,7 +162,7 @@ EXERCISES = [
     Exercise(
         "focal_gradient",
         exercises.check_focal_gradient,
-        _focal_grad_numerical,
+        _focal_grad,
         "tensor",
         0,
         _focal_grad_numerical,
@@ -165,7 +178,7 @@ EXERCISES = [
     Exercise(
         "bt_gradient",
         exercises.check_bt_gradient,
-        _bt_grad_numerical,
+        _bt_grad,
         "tensor",
         0,
         _bt_grad_numerical,
