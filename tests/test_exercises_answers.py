@@ -150,7 +150,7 @@ class Exercise:
     checker: Callable[[Callable[..., Any]], None]
     right: Callable[..., Any]
     kind: str  # "tensor", "float", "pair" (two floats) or "bool"
-    mutate: int | None = None  # which positional argument is a float tensor to change in place
+    mutate: int | None = None  # the positional tensor argument to change in place (None: no tensor)
     numerical: Callable[..., Any] | None = None
 
 
