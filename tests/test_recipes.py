@@ -385,6 +385,14 @@ def test_progress_report_prints_seconds_per_step_and_time_left(tmp_path, one_thr
     assert report.seconds_per_step > 0
 
 
+def test_peak_tflops_matches_device_names():
+    assert recipes.peak_tflops("NVIDIA L40S") == 362.0
+    assert recipes.peak_tflops("NVIDIA L4") == 121.0
+    assert recipes.peak_tflops("Tesla T4") == 65.0
+    assert recipes.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert recipes.peak_tflops("Quadro RTX 6000") is None
+
+
 def test_step_time_estimate_counts_eight_n_per_token():
     config = MistralConfig(**MISTRAL_7B_SHAPE)
     settings = RunSettings()

@@ -51,11 +51,13 @@ SMOKE_OVERRIDES = {
 ULTRAFEEDBACK_TRAIN_PAIRS = 62_135
 
 # Dense 16-bit tensor-core peak, TFLOP/s, from the vendors' data sheets: bf16 where the GPU has
-# it, fp16 on the T4. Matched by substring against ``torch.cuda.get_device_name()``.
+# it, fp16 on the T4. Matched in this order by substring against ``torch.cuda.get_device_name()``
+# (so "L40S" comes before "L4").
 PEAK_16BIT_TFLOPS = {
     "H200": 989.0,
     "H100": 989.0,
     "A100": 312.0,
+    "L40S": 362.0,
     "L4": 121.0,
     "A10G": 70.0,
     "T4": 65.0,
