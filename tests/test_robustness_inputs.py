@@ -96,6 +96,11 @@ BAD_ROWS = [
     ),
     (
         with_row(1, True, rejected=[{"role": "assistant", "content": None}]),
+        ValueError,
+        r"row 1: rejected, message 0: has \['role'\]; expected a dict with keys",
+    ),
+    (
+        with_row(1, True, rejected=[{"role": "assistant", "content": 5}]),
         TypeError,
         r"row 1: rejected, message 0: role and content must be strings",
     ),

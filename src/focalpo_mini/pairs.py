@@ -267,8 +267,12 @@ def _text(completion) -> str:
 
 def _check_messages(messages: list, where: str) -> None:
     for j, message in enumerate(messages):
-        if not isinstance(message, Mapping) or set(MESSAGE_KEYS) - set(message):
-            keys = sorted(message) if isinstance(message, Mapping) else type(message).__name__
+        # None counts as absent: an Arrow dataset fills every message with all keys seen
+        keys = (
+            [k for k, v in message.items() if v is not None] if isinstance(message, Mapping) else []
+        )
+        if set(MESSAGE_KEYS) - set(keys):
+            keys = sorted(keys) if isinstance(message, Mapping) else type(message).__name__
             raise ValueError(
                 f"{where}, message {j}: has {keys}; expected a dict with keys "
                 f"{list(MESSAGE_KEYS)} (ShareGPT-style {{'from', 'value'}} messages must be "

@@ -262,10 +262,16 @@ def train(
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
     if resume_from is None:
-        for split in splits.values():  # the reference: computed once, then only numbers are kept
-            split.ref_chosen, split.ref_rejected = all_pair_logps(
-                model if ref_model is None else ref_model, split.pairs, config.batch_size, pad_id
-            )
+        for name, split in splits.items():  # the reference: computed once, then only numbers
+            try:
+                split.ref_chosen, split.ref_rejected = all_pair_logps(
+                    model if ref_model is None else ref_model,
+                    split.pairs,
+                    config.batch_size,
+                    pad_id,
+                )
+            except NonFiniteError as error:
+                raise NonFiniteError(f"the reference on {name}_dataset: {error}") from error
         del ref_model
         torch.manual_seed(config.seed)
         run = _Progress(rng=checkpoint.rng_state())
