@@ -367,8 +367,9 @@ def train(
                     (loss / config.grad_accum_steps).backward()
                     records.append((loss.detach(), chosen.detach(), rejected.detach(), *ref))
                     tokens += int(batch["attention_mask"].sum())
-                grad_norm = _grad_norm(params, config.max_grad_norm)
+                grad_norm = math.nan  # not computed when a forward pass already failed
                 if problem is None:
+                    grad_norm = _grad_norm(params, config.max_grad_norm)
                     problem = _non_finite(records, grad_norm)
                 if problem is None:
                     optimizer.step()
