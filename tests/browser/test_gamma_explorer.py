@@ -51,7 +51,9 @@ def _wait_for_new_frame(sliders, output, before: dict) -> dict:
 
 def _save(state: dict, how: str) -> None:
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    label = re.sub(r"[^0-9A-Za-z.\-]+", "_", f"gamma_{state['γ']}_step_{state['step']}")
+    label = re.sub(
+        r"[^0-9A-Za-z.\-]+", "_", f"gamma_{state['γ']}_step_{state['step']}", flags=re.ASCII
+    )
     (SCREENSHOTS / f"gamma_explorer_{how}_{label}.png").write_bytes(state["screenshot"])
 
 
@@ -95,9 +97,11 @@ def _click_far_end(page, slider) -> None:
     page.mouse.click(target_x, track["y"] + track["height"] / 2)
 
 
-def _slider(within, label: re.Pattern):
+def _slider(page, within, label: re.Pattern):
+    """The slider inside ``within`` whose label matches ``label``. (The inner locator of a filter
+    is matched inside each slider, so it is built from the page, not from ``within``.)"""
     return within.locator(".widget-slider").filter(
-        has=within.locator(".widget-label", has_text=label)
+        has=page.locator(".widget-label", has_text=label)
     )
 
 
@@ -111,8 +115,8 @@ def test_gamma_explorer_changes_the_figure(browser, server):
     assert explorer.count() == 1, f"{EXPLORER_PAGE}: no γ explorer (widget state missing?)"
     output = page.locator("div.cell_output").filter(has=explorer).first
     sliders = {
-        "γ": _slider(output, re.compile(r"^\s*(γ|gamma)\s*$", re.IGNORECASE)),
-        "step": _slider(output, re.compile(r"^\s*step\s*$", re.IGNORECASE)),
+        "γ": _slider(page, output, re.compile(r"^\s*(γ|gamma)\s*$", re.IGNORECASE)),
+        "step": _slider(page, output, re.compile(r"^\s*step\s*$", re.IGNORECASE)),
     }
     for name, slider in sliders.items():
         assert slider.count() == 1, f"{EXPLORER_PAGE}: expected one slider labelled {name}"
@@ -122,12 +126,28 @@ def test_gamma_explorer_changes_the_figure(browser, server):
     _save(start, "start")
     states = [start]
 
-    for moved, how, act in (
-        ("γ", "γ by keyboard (ArrowRight)", lambda: _press(sliders["γ"], "ArrowRight")),
-        ("step", "step by keyboard (ArrowRight)", lambda: _press(sliders["step"], "ArrowRight")),
-        ("γ", "γ by mouse (click on the track)", lambda: _click_far_end(page, sliders["γ"])),
+    for moved, tag, how, act in (
+        (
+            "γ",
+            "gamma_keyboard",
+            "γ by keyboard (ArrowRight)",
+            lambda: _press(sliders["γ"], "ArrowRight"),
+        ),
         (
             "step",
+            "step_keyboard",
+            "step by keyboard (ArrowRight)",
+            lambda: _press(sliders["step"], "ArrowRight"),
+        ),
+        (
+            "γ",
+            "gamma_mouse",
+            "γ by mouse (click on the track)",
+            lambda: _click_far_end(page, sliders["γ"]),
+        ),
+        (
+            "step",
+            "step_mouse",
             "step by mouse (click on the track)",
             lambda: _click_far_end(page, sliders["step"]),
         ),
@@ -135,7 +155,7 @@ def test_gamma_explorer_changes_the_figure(browser, server):
         act()
         after = _wait_for_new_frame(sliders, output, states[-1])
         _assert_changed(states[-1], after, moved, how)
-        _save(after, re.sub(r"\W+", "_", how.split(" (")[0]))
+        _save(after, tag)
         states.append(after)
     assert len({state["src"] for state in states}) == len(states), "a frame was shown twice"
 
