@@ -238,7 +238,7 @@ def test_mixed_devices_name_the_argument(index):
 
 def test_reference_log_probs_that_require_grad_warn():
     logps = [t.clone().requires_grad_() for t in pair([0.5, -0.5])]
-    with pytest.warns(UserWarning, match="ref_chosen_logps requires grad"):
+    with pytest.warns(UserWarning, match="ref_chosen_logps and ref_rejected_logps require"):
         focalpo_loss(*logps)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

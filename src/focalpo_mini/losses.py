@@ -285,16 +285,20 @@ def _preference_logits(
             ref_rejected_logps=ref_rejected_logps,
         )
     )
-    for name, ref in (
-        ("ref_chosen_logps", ref_chosen_logps),
-        ("ref_rejected_logps", ref_rejected_logps),
-    ):
-        if ref.requires_grad:
-            warnings.warn(
-                f"{name} requires grad, so the loss sends gradients into the reference; "
-                "pass ref.detach() if the reference is meant to stay fixed",
-                stacklevel=3,
-            )
+    needs_grad = [
+        name
+        for name, ref in (
+            ("ref_chosen_logps", ref_chosen_logps),
+            ("ref_rejected_logps", ref_rejected_logps),
+        )
+        if ref.requires_grad
+    ]
+    if needs_grad:
+        warnings.warn(
+            f"{' and '.join(needs_grad)} require(s) grad, so the loss sends gradients into the "
+            "reference; pass ref.detach() if the reference is meant to stay fixed",
+            stacklevel=3,
+        )
     chosen_logratios = policy_chosen_logps.to(dtype) - ref_chosen_logps.to(dtype)
     rejected_logratios = policy_rejected_logps.to(dtype) - ref_rejected_logps.to(dtype)
     z = beta * (chosen_logratios - rejected_logratios)

@@ -373,12 +373,15 @@ def train(
                     problem = _non_finite(records, grad_norm)
                 if problem is None:
                     optimizer.step()
+                    scheduler.step()
                 else:
                     warnings.warn(
                         f"step {run.step + 1}: {problem}; the step is skipped (no update)",
                         stacklevel=2,
                     )
-                scheduler.step()
+                    with warnings.catch_warnings():  # torch warns: no optimizer.step() came first
+                        warnings.simplefilter("ignore", UserWarning)
+                        scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 # The step's effects, committed together: a checkpoint written from here on
                 # resumes after this step. Ctrl-C cannot land in between (_DeferredInterrupt).
