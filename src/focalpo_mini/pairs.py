@@ -212,8 +212,14 @@ def collate(pairs: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]
 
 def pad_token_id(tokenizer) -> int:
     """The tokenizer's pad token id, or its eos token id if it has no pad token."""
-    pad_id = tokenizer.pad_token_id
-    return tokenizer.eos_token_id if pad_id is None else pad_id
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    pad_id = getattr(tokenizer, "eos_token_id", None) if pad_id is None else pad_id
+    if pad_id is None:
+        raise ValueError(
+            f"tokenizer ({type(tokenizer).__name__}) has neither a pad_token_id nor an "
+            "eos_token_id; a Hugging Face tokenizer with an eos token is expected"
+        )
+    return pad_id
 
 
 def _encode(tokenizer, prompt, completion) -> tuple[list[int], list[int]]:

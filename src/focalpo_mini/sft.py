@@ -46,10 +46,8 @@ def supervised_finetune(
     Raises:
         TypeError, ValueError: for a missing column, a bad row or a bad argument.
     """
-    for name, value in (("steps", steps), ("batch_size", batch_size), ("max_length", max_length)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    check_int("seed", seed, 0)
+    steps, batch_size = check_int("steps", steps, 1), check_int("batch_size", batch_size, 1)
+    max_length, seed = check_int("max_length", max_length, 1), check_int("seed", seed, 0)
     check_number("learning_rate", learning_rate, minimum=0.0, inclusive=False)
     if not isinstance(target, str):
         raise TypeError(f"target must be a column name (str), got {type(target).__name__}")

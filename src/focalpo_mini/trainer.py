@@ -237,6 +237,9 @@ def train(
     config = TrainConfig() if config is None else config
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    for name, module in (("model", model), ("ref_model", ref_model)):
+        if module is not None and not isinstance(module, torch.nn.Module):
+            raise TypeError(f"{name} must be a torch.nn.Module, got {type(module).__name__}")
     pad_id, device = pad_token_id(tokenizer), next(model.parameters()).device
     limits = {"max_length": config.max_length, "max_prompt_length": config.max_prompt_length}
     splits = {
@@ -340,6 +343,23 @@ def train(
             if not run.eval_history or run.eval_history[-1]["step"] != run.step:
                 evaluate()
 
+    def accumulate() -> tuple[list, int, str | None]:
+        """The forward and backward passes of the step's micro-batches: per-pair records, the
+        token count, and why the step must be skipped (None while all is finite so far)."""
+        records, tokens = [], 0
+        for micro in range(config.grad_accum_steps):
+            idx = _batch_indices(run.step * config.grad_accum_steps + micro, train_split, config)
+            batch = to_device(collate([train_split.pairs[i] for i in idx], pad_id), device)
+            ref = (train_split.ref_chosen[idx].to(device), train_split.ref_rejected[idx].to(device))
+            try:
+                loss, chosen, rejected = preference_loss(model, batch, *ref, config=config)
+            except NonFiniteError as error:  # the model's logits or log-probs overflowed
+                return records, tokens, str(error)
+            (loss / config.grad_accum_steps).backward()
+            records.append((loss.detach(), chosen.detach(), rejected.detach(), *ref))
+            tokens += int(batch["attention_mask"].sum())
+        return records, tokens, None
+
     per_epoch = len(train_split.pairs) // config.batch_size
     bar = tqdm(total=config.max_steps, initial=run.step, disable=not config.progress, desc="train")
     model.train()
@@ -349,24 +369,7 @@ def train(
             finish_step()  # step 0's evaluation, or what an interrupt left undone
             interrupt.check()
             while run.step < config.max_steps:
-                records, tokens, problem = [], 0, None
-                for micro in range(config.grad_accum_steps):
-                    idx = _batch_indices(
-                        run.step * config.grad_accum_steps + micro, train_split, config
-                    )
-                    batch = to_device(collate([train_split.pairs[i] for i in idx], pad_id), device)
-                    ref = (
-                        train_split.ref_chosen[idx].to(device),
-                        train_split.ref_rejected[idx].to(device),
-                    )
-                    try:
-                        loss, chosen, rejected = preference_loss(model, batch, *ref, config=config)
-                    except NonFiniteError as error:  # the model's logits or log-probs overflowed
-                        problem = str(error)
-                        break
-                    (loss / config.grad_accum_steps).backward()
-                    records.append((loss.detach(), chosen.detach(), rejected.detach(), *ref))
-                    tokens += int(batch["attention_mask"].sum())
+                records, tokens, problem = accumulate()
                 grad_norm = math.nan  # not computed when a forward pass already failed
                 if problem is None:
                     grad_norm = _grad_norm(params, config.max_grad_norm)
