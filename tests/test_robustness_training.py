@@ -332,3 +332,48 @@ def test_focalpo_trainer_zeroes_a_non_finite_batch_and_counts_it(tokenizer, tmp_
     metrics = trainer._metrics["train"]
     assert metrics["nonfinite_fraction"] == [1.0]
     assert len(metrics["rewards/margins"]) == 1  # over the three finite pairs
+
+
+# --- train()'s own arguments --------------------------------------------------------------------
+
+
+def test_train_names_a_wrong_model_or_tokenizer(tokenizer, small_model):
+    dataset = make_preference_dataset(8)
+    with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module, got NoneType"):
+        train(None, tokenizer, dataset, config=config())
+    with pytest.raises(TypeError, match=r"ref_model must be a torch\.nn\.Module, got str"):
+        train(small_model(), tokenizer, dataset, config=config(), ref_model="gpt2")
+    with pytest.raises(ValueError, match=r"tokenizer .* has neither a pad_token_id"):
+        train(small_model(), object(), dataset, config=config())
+
+
+def test_train_accepts_a_dict_of_lists_and_a_dataframe(tokenizer, small_model):
+    import pandas as pd
+
+    dataset = make_preference_dataset(8, seed=0)
+    expected = train(small_model(), tokenizer, dataset, config=config(max_steps=2)).history
+    for same_data in (dataset.to_dict(), pd.DataFrame(dataset.to_list())):
+        got = train(small_model(), tokenizer, same_data, config=config(max_steps=2)).history
+        assert [r["loss"] for r in got] == [r["loss"] for r in expected]
+
+
+def test_an_interrupt_in_an_evaluation_leaves_the_model_training(tokenizer, small_model):
+    model = small_model()
+    eval_forwards = []
+
+    def interrupt_the_step_0_evaluation(module, args, kwargs):
+        if not module.training:
+            eval_forwards.append(1)
+            if len(eval_forwards) == 4:  # 2 train and 1 eval batches of the reference pass first
+                raise KeyboardInterrupt
+
+    model.register_forward_pre_hook(interrupt_the_step_0_evaluation, with_kwargs=True)
+    with pytest.raises(KeyboardInterrupt):
+        train(
+            model,
+            tokenizer,
+            make_preference_dataset(8),
+            make_preference_dataset(4),
+            config=config(),
+        )
+    assert model.training

@@ -238,7 +238,7 @@ def train(
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     for name, module in (("model", model), ("ref_model", ref_model)):
-        if module is not None and not isinstance(module, torch.nn.Module):
+        if not isinstance(module, torch.nn.Module) and (name == "model" or module is not None):
             raise TypeError(f"{name} must be a torch.nn.Module, got {type(module).__name__}")
     pad_id, device = pad_token_id(tokenizer), next(model.parameters()).device
     limits = {"max_length": config.max_length, "max_prompt_length": config.max_prompt_length}
