@@ -377,3 +377,37 @@ def test_an_interrupt_in_an_evaluation_leaves_the_model_training(tokenizer, smal
             config=config(),
         )
     assert model.training
+
+
+def test_focalpo_trainer_carries_on_past_a_non_finite_batch(tokenizer, tmp_path):
+    args = focal_args(
+        tmp_path,
+        max_steps=3,
+        logging_steps=1,
+        per_device_train_batch_size=4,
+        save_strategy="no",
+        disable_tqdm=True,
+        learning_rate=1e-3,
+    )
+    trainer = FocalPOTrainer(
+        model=make_model(tokenizer),
+        ref_model=make_model(tokenizer, seed=1),
+        args=args,
+        train_dataset=make_preference_dataset(12, seed=0),
+        processing_class=tokenizer,
+    )
+    live = trainer.compute_ref_log_probs
+    calls = []
+
+    def nan_on_the_second_batch(model, inputs):
+        calls.append(1)
+        chosen, rejected = live(model, inputs)
+        return (chosen * torch.nan, rejected) if len(calls) == 2 else (chosen, rejected)
+
+    trainer.compute_ref_log_probs = nan_on_the_second_batch
+    with pytest.warns(UserWarning, match="train step 2: a log-prob of this batch is NaN"):
+        trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["nonfinite_fraction"] for entry in logs] == [0.0, 1.0, 0.0]
+    assert logs[1]["loss"] == 0.0 and "rewards/margins" not in logs[1]
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
