@@ -392,3 +392,12 @@ def test_different_lambdas_and_partials_have_different_identities():
     assert identity(partial_1) != identity(functools.partial(loss_a, gamma_scale=2))
     assert identity(partial_1) == identity(functools.partial(loss_a, gamma_scale=1))
     assert identity(functools.partial(focalpo_loss)) != identity(functools.partial(dpo_loss))
+
+
+def test_pair_helpers_name_what_is_wrong(tokenizer):
+    from focalpo_mini.pairs import collate, tokenize_pair
+
+    with pytest.raises(ValueError, match="rows is empty"):
+        collate([], 0)
+    with pytest.raises(TypeError, match="example: prompt must be a string"):
+        tokenize_pair(tokenizer, {"prompt": None, "chosen": "1", "rejected": "2"})

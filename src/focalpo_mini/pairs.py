@@ -41,7 +41,11 @@ def tokenize_pair(tokenizer, example: dict) -> dict[str, list[int]]:
 
     Returns:
         ``prompt_ids``, ``chosen_ids``, ``rejected_ids``: lists of token ids.
+
+    Raises:
+        TypeError, ValueError: for an example :func:`check_example` refuses.
     """
+    check_example(example, "example")
     prompt_ids, chosen_full = _encode(tokenizer, example["prompt"], example["chosen"])
     _, rejected_full = _encode(tokenizer, example["prompt"], example["rejected"])
     n = min(_common_prefix(prompt_ids, chosen_full), _common_prefix(prompt_ids, rejected_full))
@@ -184,6 +188,8 @@ def collate_completions(rows: Sequence[dict], pad_token_id: int) -> dict[str, to
     Returns ``input_ids`` (padded with ``pad_token_id``), ``attention_mask`` and
     ``completion_mask`` (1 on completion tokens), each of shape ``(R, T)``, ``T`` the longest row.
     """
+    if not rows:
+        raise ValueError("rows is empty: a batch needs at least one row")
     length = max(len(r["prompt_ids"]) + len(r["completion_ids"]) for r in rows)
     input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
