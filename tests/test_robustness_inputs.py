@@ -401,3 +401,8 @@ def test_pair_helpers_name_what_is_wrong(tokenizer):
         collate([], 0)
     with pytest.raises(TypeError, match="example: prompt must be a string"):
         tokenize_pair(tokenizer, {"prompt": None, "chosen": "1", "rejected": "2"})
+
+
+def test_an_integer_beyond_float_range_is_refused_naming_it():
+    with pytest.raises(ValueError, match="beta must be a finite number"):
+        TrainConfig(beta=10**400)

@@ -21,7 +21,10 @@ def check_number(
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond float's range
+        value = math.inf if value > 0 else -math.inf
     low_ok = value >= minimum if inclusive else value > minimum
     if not (math.isfinite(value) and low_ok and value <= maximum):
         bound = f">= {minimum}" if inclusive else f"> {minimum}"
