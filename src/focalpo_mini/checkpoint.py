@@ -18,6 +18,7 @@ import hashlib
 import inspect
 import io
 import os
+import re
 import types
 from dataclasses import asdict, fields
 from typing import TYPE_CHECKING
@@ -176,7 +177,7 @@ def _value_identity(value) -> str:
         return callable_identity(value)
     cls = type(value)
     if cls.__repr__ is not object.__repr__:
-        return repr(value)
+        return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))  # addresses differ per process
     call = inspect.getattr_static(cls, "__call__", None)
     digest = f" [{_function_digest(call)}]" if inspect.isfunction(call) else ""
     return f"{cls.__module__}.{cls.__qualname__} object{digest}"
