@@ -3,10 +3,11 @@ run bit for bit (weights, optimizer and scheduler states, RNG, history); a secon
 once and keeps the last checkpoint.
 
 The subprocess test runs this file as a script (``python test_robustness_interrupts.py ROOT``):
-a server process that imports torch and transformers once (about 8 s on the 2-core CI machine)
-and then forks one fresh process per training run, sends some of them SIGINT after a random
-delay, and resumes each interrupted run in another fresh process. Every run's final checkpoint
-holds its whole state; the test compares them with the uninterrupted run's.
+a server process that imports torch and transformers once (about 8 s on a busy 2-core machine)
+and then forks one fresh process per training run, sends each run a SIGINT at a random moment
+of its training loop (a few land after its end), and resumes every run in another fresh process,
+two runs at a time. Every run's final checkpoint holds its whole state; the test compares them
+with the uninterrupted run's.
 """
 
 import json
