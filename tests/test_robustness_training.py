@@ -14,6 +14,7 @@ from datasets import Dataset
 from trl import DPOConfig
 
 from focalpo_mini import checkpoint
+from focalpo_mini._checks import NonFiniteError
 from focalpo_mini.data import make_preference_dataset
 from focalpo_mini.losses import focalpo_loss
 from focalpo_mini.tiny import make_model
@@ -411,3 +412,31 @@ def test_focalpo_trainer_carries_on_past_a_non_finite_batch(tokenizer, tmp_path)
     assert [entry["nonfinite_fraction"] for entry in logs] == [0.0, 1.0, 0.0]
     assert logs[1]["loss"] == 0.0 and "rewards/margins" not in logs[1]
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def nan_logits_in_eval_forward(model, number):
+    """Make the model's ``number``-th forward pass in eval mode return NaN logits."""
+    seen = []
+
+    def hook(module, args, output):
+        if not module.training:
+            seen.append(1)
+            if len(seen) == number:
+                output.logits = output.logits * torch.nan
+        return output
+
+    model.register_forward_hook(hook)
+
+
+def test_a_non_finite_reference_or_evaluation_stops_naming_it(tokenizer, small_model, tmp_path):
+    train_set, eval_set = make_preference_dataset(8), make_preference_dataset(4, seed=1)
+    model = small_model()
+    nan_logits_in_eval_forward(model, 2)  # the reference pass: 2 train batches, then 1 eval
+    with pytest.raises(NonFiniteError, match="the reference on train_dataset: logits must be"):
+        train(model, tokenizer, train_set, eval_set, config=config())
+    model = small_model()
+    nan_logits_in_eval_forward(model, 3 + 3)  # after the reference: evaluations at 0, 1, 2
+    cfg = config(eval_every=1, checkpoint_dir=str(tmp_path), checkpoint_every=1)
+    with pytest.raises(NonFiniteError, match="evaluation at step 2: logits must be finite"):
+        train(model, tokenizer, train_set, eval_set, config=cfg)
+    assert checkpoint.read(tmp_path)["progress"]["step"] == 1  # the last good one is kept
