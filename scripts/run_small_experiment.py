@@ -1,14 +1,32 @@
-"""DPO against FocalPO on the tiny sorting world with label noise: the book's chapter 7 experiment.
+"""DPO, FocalPO and the noisy-label remedies in the tiny sorting world: chapter 7's experiment.
 
-For each seed: a supervised fine-tune of the tiny model on clean demonstrations gives the
-reference; from that same reference, DPO and FocalPO (every gamma, factor in the graph and
-detached) are trained on noisy preference pairs and evaluated on held-out pairs whose labels are
-the ground truth. The results go to one JSON file that the chapter reads:
+The outcome that counts is the quality of generated answers: for every run, greedy answers to
+the same 256 held-out prompts, scored by the exact judge ``true_reward`` and compared with the
+answers of the run's own SFT reference (the win rate, ties counting one half). Ranking metrics
+on held-out pairs are kept as secondary outcomes.
 
-    .venv/bin/python scripts/run_small_experiment.py --out results/small_experiment.json
+Design (every number below is in :class:`ExperimentConfig` and written to the results file):
 
-Runs are seeded and deterministic on a CPU, so tests/test_small_experiment.py re-runs a reduced
-configuration through :func:`run_one` and compares it with the committed file.
+1. Tuning. Every method gets the same budget, the learning-rate grid ``lr_grid``, spent on the
+   ``tuning_seeds``, which are not reported. The learning rate with the best mean final win rate
+   is kept for that method.
+2. Main comparison: every method at label noise 0.2, on the reported ``seeds``. A seed changes the
+   reference (initialisation, SFT data and order), the preference data and the batch order.
+3. Noise sweep: DPO, FocalPO at the default gamma and the strongest baseline of step 2, at label
+   noise 0 and 0.4, with the learning rates tuned at 0.2.
+4. Chen et al.'s failure: a reference fine-tuned on biased demonstrations (prompts holding a 0 are
+   answered in descending order) misranks clean pairs by wide margins; DPO and FocalPO train on
+   clean pairs from it.
+
+Every run is evaluated at steps 0, 20, ..., 80: answers and their win rate, a Monte-Carlo KL from
+the reference (for the reward-KL frontier), held-out ranking metrics and log-probs, and Chen et
+al.'s four groups on the *training* pairs. Everything runs in float64, so that another CPU
+reproduces the numbers (scripts/check_portability.py measures how far they move):
+
+    .venv/bin/python scripts/run_small_experiment.py --workers 2
+
+writes results/small_experiment.json (about an hour on two cores). tests/test_small_experiment.py
+re-runs part of it through :func:`run_seed` and compares.
 """
 
 from __future__ import annotations
@@ -22,7 +40,8 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -31,7 +50,8 @@ import datasets
 import torch
 import transformers
 
-from focalpo_mini.data import make_preference_dataset
+from focalpo_mini.data import make_preference_dataset, true_reward
+from focalpo_mini.generation import answer_quality, greedy_answers, sampled_kl
 from focalpo_mini.pairs import pair_logps
 from focalpo_mini.ranking import ranked_correctly
 from focalpo_mini.sft import supervised_finetune
@@ -41,27 +61,35 @@ from focalpo_mini.trainer import TrainConfig, train
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    """Everything that decides a run's numbers (the seed and the loss setting come per run)."""
+    """Everything that decides a run's numbers, except the seed, the method and learning rate."""
 
     noise: float = 0.2
+    sweep_noise: tuple[float, ...] = (0.0, 0.4)
+    seeds: tuple[int, ...] = tuple(range(10))
+    tuning_seeds: tuple[int, ...] = (100, 101)
+    lr_grid: tuple[float, ...] = (1e-5, 3e-5, 1e-4, 3e-4)
     n_train: int = 512
-    n_eval: int = 512
+    n_eval: int = 200
     eval_data_seed: int = 999
     sft_pairs: int = 2000
-    sft_steps: int = 150
+    sft_steps: int = 40
     sft_learning_rate: float = 1e-3
     sft_batch_size: int = 32
     beta: float = 0.1
-    learning_rate: float = 1e-4
+    label_smoothing: float = 0.2
     batch_size: int = 32
-    steps: int = 100
+    steps: int = 80
     eval_every: int = 20
     max_length: int = 64
+    max_new_tokens: int = 16
+    samples_kept: int = 12
+    chen_sft_steps: int = 200
+    dtype: str = "float32"
 
 
 @dataclass(frozen=True)
-class Setting:
-    """One loss: ``dpo``, or ``focalpo`` with its gamma and detach mode."""
+class Method:
+    """A loss: ``dpo``, ``focalpo`` (with gamma and detach mode), ``cdpo``, ``robust``, ``ipo``."""
 
     loss: str
     gamma: float = 0.0
@@ -69,98 +97,210 @@ class Setting:
 
     @property
     def name(self) -> str:
-        if self.loss == "dpo":
-            return "dpo"
+        if self.loss != "focalpo":
+            return self.loss
         return f"focalpo_g{self.gamma:g}" + ("_detached" if self.detach_weight else "")
 
 
-def settings_grid(gammas: list[float]) -> list[Setting]:
-    """DPO, then FocalPO with each gamma, factor in the graph, then detached."""
-    grid = [Setting("dpo")]
-    for detach in (False, True):
-        grid += [Setting("focalpo", gamma, detach) for gamma in gammas]
-    return grid
+DEFAULT_FOCALPO = Method("focalpo", 0.5)
+METHODS = (
+    Method("dpo"),
+    *(Method("focalpo", g) for g in (0.5, 1.0, 2.0)),
+    *(Method("focalpo", g, True) for g in (0.5, 1.0, 2.0)),
+    Method("cdpo"),
+    Method("robust"),
+    Method("ipo"),
+)
+BASELINES = ("cdpo", "robust", "ipo")
+CHEN_METHODS = (Method("dpo"), DEFAULT_FOCALPO, Method("focalpo", 0.5, True))
 
 
-def make_reference(tokenizer, seed: int, cfg: ExperimentConfig):
-    """The tiny model after a brief supervised fine-tune on clean chosen completions."""
-    demos = make_preference_dataset(cfg.sft_pairs, seed=10_000 + seed, noise=0.0)
-    model = make_model(tokenizer, seed=seed)
+def method_named(name: str) -> Method:
+    (method,) = [m for m in METHODS if m.name == name]
+    return method
+
+
+# --- The tiny world's references and data --------------------------------------------------
+
+
+def demonstrations(n: int, seed: int, *, biased: bool) -> datasets.Dataset:
+    """SFT demonstrations: clean sorted answers, or with ``biased`` every prompt that holds a 0
+    answered in descending order (a systematic, confident mistake for Chen et al.'s world)."""
+    demos = make_preference_dataset(n, seed=10_000 + seed, noise=0.0).to_list()
+    if biased:
+        for row in demos:
+            if holds_zero(row["prompt"]):
+                row["chosen"] = _sorted_answer(row["prompt"], descending=True)
+    return datasets.Dataset.from_list(demos)
+
+
+def preference_pairs(n: int, seed: int, noise: float, *, chen: bool = False) -> datasets.Dataset:
+    """The training pairs. In Chen et al.'s world (``chen``) the labels are clean and every prompt
+    that holds a 0 compares the ascending answer (chosen, true reward 1) with the descending one
+    (rejected, true reward 0): the very ordering the biased reference prefers."""
+    pairs = make_preference_dataset(n, seed=seed, noise=noise)
+    if not chen:
+        return pairs
+    rows = pairs.to_list()
+    for row in rows:
+        if holds_zero(row["prompt"]):
+            row["chosen"] = _sorted_answer(row["prompt"], descending=False)
+            row["rejected"] = _sorted_answer(row["prompt"], descending=True)
+            row["chosen_reward"], row["rejected_reward"] = 1.0, 0.0
+    return datasets.Dataset.from_list(rows)
+
+
+def _sorted_answer(prompt: str, *, descending: bool) -> str:
+    return " ".join(sorted(prompt.split()[1:], reverse=descending))
+
+
+def holds_zero(prompt: str) -> bool:
+    return "0" in prompt.split()[1:]
+
+
+def make_reference(tokenizer, seed: int, cfg: ExperimentConfig, *, biased: bool = False):
+    """The tiny model after a short supervised fine-tune: a reference with room to improve."""
+    model = make_model(tokenizer, seed=seed).to(getattr(torch, cfg.dtype))
     supervised_finetune(
         model,
         tokenizer,
-        demos,
-        steps=cfg.sft_steps,
+        demonstrations(cfg.sft_pairs, seed, biased=biased),
+        steps=cfg.chen_sft_steps if biased else cfg.sft_steps,
         learning_rate=cfg.sft_learning_rate,
         batch_size=cfg.sft_batch_size,
         seed=seed,
         max_length=cfg.max_length,
         target="chosen",
     )
-    return model
+    return model.eval()
 
 
-def datasets_for(seed: int, cfg: ExperimentConfig):
-    """Noisy training pairs (per seed) and clean held-out pairs (the same for every seed)."""
-    train_data = make_preference_dataset(cfg.n_train, seed=seed, noise=cfg.noise)
-    eval_data = make_preference_dataset(cfg.n_eval, seed=cfg.eval_data_seed, noise=0.0)
-    return train_data, eval_data
+def eval_pairs(cfg: ExperimentConfig) -> datasets.Dataset:
+    """Held-out pairs with true labels (noise 0), the same for every run; their prompts are the
+    prompts every model answers."""
+    return make_preference_dataset(cfg.n_eval, seed=cfg.eval_data_seed, noise=0.0)
 
 
-def run_one(tokenizer, reference, seed: int, setting: Setting, cfg: ExperimentConfig) -> dict:
-    """Train one copy of ``reference`` with ``setting``; return its metrics and histories.
+# --- One run -------------------------------------------------------------------------------
 
-    Held-out labels are the ground truth (noise 0), so reward and ranking accuracy there are
-    accuracies against the truth. On the training pairs, ``train/noisy_followed`` is the fraction
-    of label-flipped pairs whose wrong label the policy ends up following (ranking the truly
-    worse completion first), and ``train/clean_ranking_accuracy`` the ranking accuracy on the rest.
+
+def run_one(
+    tokenizer,
+    reference,
+    reference_answers: list[str],
+    *,
+    seed: int,
+    method: Method,
+    learning_rate: float,
+    noise: float,
+    cfg: ExperimentConfig,
+    measure_steps: bool = True,
+    chen: bool = False,
+    step_zero: dict | None = None,
+) -> dict:
+    """Train a copy of ``reference`` with ``method``; measure answers, KL, groups along the way.
+
+    With ``measure_steps=False`` (tuning) only the final answers are measured. ``step_zero``, the
+    measurements of the reference itself, stands in for step 0 (where the policy is the
+    reference, so its KL is 0 and its answers are the reference's) when given.
     """
-    train_data, eval_data = datasets_for(seed, cfg)
-    model = copy.deepcopy(reference)
+    train_data = preference_pairs(cfg.n_train, seed, noise, chen=chen)
+    held_out = eval_pairs(cfg)
+    prompts = list(held_out["prompt"])
+    flipped = torch.tensor(list(train_data["label_flipped"]))
+    ref_chosen, ref_rejected = pair_logps(
+        reference, tokenizer, train_data, max_length=cfg.max_length, batch_size=128
+    )
+    ref_correct = ranked_correctly(ref_chosen, ref_rejected)
+    zero = torch.tensor([holds_zero(p) for p in prompts])
+    steps: list[dict] = []
+
+    def measure(step: int, model) -> None:
+        if not measure_steps and step < cfg.steps:
+            return
+        if step == 0 and step_zero is not None:
+            steps.append(copy.deepcopy(step_zero))
+            return
+        answers = greedy_answers(
+            model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.n_eval
+        )
+        row = {"step": step, **answer_quality(prompts, answers, reference_answers)}
+        row["true_reward/holds_zero"] = statistics.fmean(
+            r for r, z in zip(_rewards(prompts, answers), zero.tolist(), strict=True) if z
+        )
+        if measure_steps:
+            row["kl"] = sampled_kl(
+                model,
+                reference,
+                tokenizer,
+                prompts,
+                seed=seed,
+                max_new_tokens=cfg.max_new_tokens,
+                batch_size=cfg.n_eval,
+            )
+            chosen, rejected = pair_logps(
+                model, tokenizer, train_data, max_length=cfg.max_length, batch_size=128
+            )
+            row["train_groups"] = _groups(ref_correct, ranked_correctly(chosen, rejected), flipped)
+        if step == cfg.steps:
+            row["answers"] = answers[: cfg.samples_kept]
+        steps.append(row)
+
     config = TrainConfig(
         beta=cfg.beta,
-        loss=setting.loss,
-        gamma=setting.gamma,
-        detach_weight=setting.detach_weight,
-        learning_rate=cfg.learning_rate,
+        loss=method.loss,
+        gamma=method.gamma,
+        detach_weight=method.detach_weight,
+        label_smoothing=cfg.label_smoothing if method.loss in ("cdpo", "robust") else 0.0,
+        learning_rate=learning_rate,
         batch_size=cfg.batch_size,
         max_steps=cfg.steps,
-        eval_every=cfg.eval_every,
+        eval_every=cfg.eval_every if measure_steps else 0,
         log_every=cfg.eval_every,
         max_length=cfg.max_length,
         seed=seed,
         progress=False,
     )
-    result = train(model, tokenizer, train_data, eval_data, config=config)
-    final = result.eval_history[-1]
-    chosen, rejected = pair_logps(model, tokenizer, train_data, max_length=cfg.max_length)
-    follows_label = ranked_correctly(chosen, rejected)
-    flipped = torch.tensor(list(train_data["label_flipped"]))
-    keep = ("rewards/accuracies", "rewards/margins", "loss")
-    groups = [k for k in final if k.startswith("groups/")]
+    model = copy.deepcopy(reference)
+    result = train(model, tokenizer, train_data, held_out, config=config, on_eval=measure)
+    keep = ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
+    if measure_steps:
+        for row, metrics in zip(steps, result.eval_history, strict=True):
+            row.update({k: metrics[k] for k in keep})
+            row["ranking_accuracy"] = _ranking_accuracy(metrics)
+    final = steps[-1]
     return {
         "seed": seed,
-        "setting": setting.name,
-        "loss": setting.loss,
-        "gamma": setting.gamma,
-        "detach_weight": setting.detach_weight,
-        "final": {
-            "reward_accuracy": final["rewards/accuracies"],
-            "ranking_accuracy": _ranking_accuracy(final),
-            "margin": final["rewards/margins"],
-            **{k: final[k] for k in groups},
-            "train/noisy_followed": follows_label[flipped].float().mean().item(),
-            "train/clean_ranking_accuracy": follows_label[~flipped].float().mean().item(),
+        "method": method.name,
+        "noise": noise,
+        "learning_rate": learning_rate,
+        "final": {k: v for k, v in final.items() if k not in ("step", "answers")}
+        | {
+            "ranking_accuracy": _ranking_accuracy(result.eval_history[-1]),
+            "rewards/accuracies": result.eval_history[-1]["rewards/accuracies"],
         },
-        "eval_history": [
-            {"step": r["step"], **{k: r[k] for k in (*keep, *groups)}} for r in result.eval_history
-        ],
-        "train_seconds": result.train_seconds,
+        "answers": final["answers"],
+        "steps": steps if measure_steps else [],
     }
 
 
+def _rewards(prompts, answers):
+    return [true_reward(p, a) for p, a in zip(prompts, answers, strict=True)]
+
+
+def _groups(ref_correct, now_correct, flipped) -> dict[str, int]:
+    """Counts of Chen et al.'s four groups on the training pairs, for clean and flipped labels
+    ("correct" means ranked as labelled)."""
+    counts = {}
+    for label, mask in (("clean", ~flipped), ("flipped", flipped)):
+        for ref_name, ref in (("ref_correct", ref_correct), ("ref_incorrect", ~ref_correct)):
+            for now_name, now in (("now_correct", now_correct), ("now_incorrect", ~now_correct)):
+                counts[f"{label}/{ref_name}/{now_name}"] = int((mask & ref & now).sum())
+    return counts
+
+
 def _ranking_accuracy(metrics: dict) -> float:
-    """Overall ranking accuracy from the two groups' accuracies and counts."""
+    """Held-out ranking accuracy from the trainer's two group accuracies and counts."""
     total, correct = 0.0, 0.0
     for group in ("ref_correct", "ref_incorrect"):
         count = metrics[f"groups/{group}/count"]
@@ -170,87 +310,196 @@ def _ranking_accuracy(metrics: dict) -> float:
     return correct / total
 
 
-def summarise(runs: list[dict]) -> list[dict]:
-    """Mean, min and max over seeds of the final metrics, one row per setting, in run order."""
-    rows = []
-    for name in dict.fromkeys(r["setting"] for r in runs):
-        finals = [r["final"] for r in runs if r["setting"] == name]
-        row = {"setting": name, "seeds": len(finals)}
-        for key in finals[0]:
-            values = [f[key] for f in finals]
-            row[key] = {"mean": statistics.fmean(values), "min": min(values), "max": max(values)}
-        rows.append(row)
-    return rows
+# --- One seed: its reference, then every run asked of it -----------------------------------
 
 
-def _print_table(rows: list[dict]) -> None:
-    columns = (
-        ("reward_accuracy", "reward acc"),
-        ("ranking_accuracy", "ranking acc"),
-        ("groups/ref_incorrect/ranking_accuracy", "ref-wrong rank acc"),
-        ("train/noisy_followed", "noisy followed"),
-        ("margin", "margin"),
+@dataclass(frozen=True)
+class SeedTask:
+    seed: int
+    runs: tuple[tuple[str, float, float], ...]  # (method name, learning rate, noise)
+    biased: bool = False
+    measure_steps: bool = True
+    cfg: ExperimentConfig = field(default_factory=ExperimentConfig)
+
+
+def run_seed(task: SeedTask, tokenizer=None) -> dict:
+    """Build the seed's reference (clean or biased), answer the held-out prompts with it, then
+    train every requested run from it."""
+    torch.set_num_threads(1)
+    tokenizer = make_tokenizer() if tokenizer is None else tokenizer
+    cfg = task.cfg
+    reference = make_reference(tokenizer, task.seed, cfg, biased=task.biased)
+    prompts = list(eval_pairs(cfg)["prompt"])
+    answers = greedy_answers(
+        reference, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.n_eval
     )
-    print(f"{'setting':<26}" + "".join(f"{title:>22}" for _, title in columns))
-    for row in rows:
-        cells = "".join(
-            f"{row[k]['mean']:>10.3f} [{row[k]['min']:.2f},{row[k]['max']:.2f}]" for k, _ in columns
+    train_data = preference_pairs(cfg.n_train, task.seed, 0.0, chen=task.biased)
+    chosen, rejected = pair_logps(
+        reference, tokenizer, train_data, max_length=cfg.max_length, batch_size=128
+    )
+    gap = (rejected - chosen)[~ranked_correctly(chosen, rejected)]  # c on misranked clean pairs
+    record = {
+        "seed": task.seed,
+        "biased": task.biased,
+        "reference": {
+            **answer_quality(prompts, answers),
+            "true_reward/holds_zero": statistics.fmean(
+                r for r, p in zip(_rewards(prompts, answers), prompts, strict=True) if holds_zero(p)
+            ),
+            "answers": answers[: cfg.samples_kept],
+            "clean_train_pairs_misranked": int(gap.numel()),
+            "misranked_gap_median": float(gap.median()) if gap.numel() else float("nan"),
+        },
+        "runs": [],
+    }
+    step_zero = {}  # per noise level: the reference's own measurements, shared by its runs
+    for name, lr, noise in task.runs:
+        start = time.perf_counter()
+        run = run_one(
+            tokenizer,
+            reference,
+            answers,
+            seed=task.seed,
+            method=method_named(name),
+            learning_rate=lr,
+            noise=noise,
+            cfg=cfg,
+            measure_steps=task.measure_steps,
+            chen=task.biased,
+            step_zero=step_zero.get(noise),
         )
-        print(f"{row['setting']:<26}{cells}")
+        if task.measure_steps:
+            step_zero.setdefault(noise, run["steps"][0])
+        run["seconds"] = time.perf_counter() - start
+        record["runs"].append(run)
+        print(
+            f"seed {task.seed:>3} {'biased ' if task.biased else ''}{name:<20} lr {lr:.0e} "
+            f"noise {noise:.1f}: win rate {run['final']['win_rate']:.3f}, true reward "
+            f"{run['final']['true_reward']:.3f} ({run['seconds']:.0f} s)",
+            flush=True,
+        )
+    return record
+
+
+# --- The whole design ----------------------------------------------------------------------
+
+
+def choose_learning_rates(tuning: list[dict], cfg: ExperimentConfig) -> dict[str, float]:
+    """Per method, the grid learning rate with the best mean final win rate on the tuning seeds
+    (the smaller rate on a tie)."""
+    chosen = {}
+    for method in METHODS:
+        means = {
+            lr: statistics.fmean(
+                run["final"]["win_rate"]
+                for seed in tuning
+                for run in seed["runs"]
+                if run["method"] == method.name and run["learning_rate"] == lr
+            )
+            for lr in cfg.lr_grid
+        }
+        chosen[method.name] = max(cfg.lr_grid, key=lambda lr: (round(means[lr], 12), -lr))
+    return chosen
+
+
+def strongest_baseline(main: list[dict]) -> str:
+    """The noisy-label baseline with the best mean final win rate in the main comparison."""
+    return max(
+        BASELINES,
+        key=lambda name: statistics.fmean(
+            r["final"]["win_rate"] for s in main for r in s["runs"] if r["method"] == name
+        ),
+    )
+
+
+def machine_fingerprint() -> dict:
+    """What decides the last bits of a CPU run: the CPU, torch's kernels and BLAS, the threads."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(
+                line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
+            )
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": model,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "blas": "mkl" if torch.backends.mkl.is_available() else "other",
+        "torch": torch.__version__,
+        "torch_threads": 1,
+        "platform": platform.platform(),
+    }
+
+
+def _map(tasks: list[SeedTask], workers: int) -> list[dict]:
+    if workers == 1:
+        tokenizer = make_tokenizer()
+        return [run_seed(t, tokenizer) for t in tasks]
+    with ProcessPoolExecutor(workers) as pool:
+        return list(pool.map(run_seed, tasks))
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--gammas", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0])
-    parser.add_argument("--steps", type=int, default=ExperimentConfig.steps)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--workers", type=int, default=2, help="processes, one thread each")
+    parser.add_argument("--seeds", type=int, default=len(ExperimentConfig.seeds))
     parser.add_argument("--out", default="results/small_experiment.json")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    cfg = ExperimentConfig(steps=args.steps)
-    tokenizer = make_tokenizer()
-    grid = settings_grid(args.gammas)
-    runs, start = [], time.perf_counter()
-    for seed in args.seeds:
-        reference = make_reference(tokenizer, seed, cfg)
-        for setting in grid:
-            run = run_one(tokenizer, reference, seed, setting, cfg)
-            runs.append(run)
-            print(
-                f"[{time.perf_counter() - start:6.0f} s] seed {seed} {setting.name:<24} "
-                f"reward acc {run['final']['reward_accuracy']:.3f}  "
-                f"ranking acc {run['final']['ranking_accuracy']:.3f}",
-                flush=True,
-            )
-    summary = summarise(runs)
-    _print_table(summary)
+    datasets.disable_progress_bars()
+    cfg = replace(ExperimentConfig(), seeds=tuple(range(args.seeds)))
+    start = time.perf_counter()
     record = {
         "command": "python scripts/run_small_experiment.py " + " ".join(sys.argv[1:]),
         "config": asdict(cfg),
-        "seeds": args.seeds,
-        "gammas": args.gammas,
-        "settings": [s.name for s in grid],
-        "runs": runs,
-        "summary": summary,
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "torch_threads": torch.get_num_threads(),
-        },
+        "methods": [m.name for m in METHODS],
+        "default_focalpo": DEFAULT_FOCALPO.name,
+        "machine": machine_fingerprint(),
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "datasets": datasets.__version__,
         },
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "wall_seconds": time.perf_counter() - start,
     }
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(record, f, indent=1)
-    print(f"wrote {args.out}")
+
+    def write(stage: str) -> None:
+        record["stage"] = stage
+        record["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        record["wall_seconds"] = time.perf_counter() - start
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out + ".tmp", "w") as f:
+            json.dump(record, f, indent=1)
+        os.replace(args.out + ".tmp", args.out)
+        print(f"[{record['wall_seconds']:.0f} s] wrote {args.out} ({stage})", flush=True)
+
+    grid = tuple((m.name, lr, cfg.noise) for m in METHODS for lr in cfg.lr_grid)
+    record["tuning"] = _map(
+        [SeedTask(s, grid, measure_steps=False, cfg=cfg) for s in cfg.tuning_seeds], args.workers
+    )
+    lrs = choose_learning_rates(record["tuning"], cfg)
+    record["learning_rates"] = lrs
+    write("tuning")
+
+    main_runs = tuple((m.name, lrs[m.name], cfg.noise) for m in METHODS)
+    record["main"] = _map([SeedTask(s, main_runs, cfg=cfg) for s in cfg.seeds], args.workers)
+    write("main")
+
+    baseline = strongest_baseline(record["main"])
+    record["strongest_baseline"] = baseline
+    sweep = tuple(
+        (name, lrs[name], noise)
+        for noise in cfg.sweep_noise
+        for name in ("dpo", DEFAULT_FOCALPO.name, baseline)
+    )
+    record["sweep"] = _map([SeedTask(s, sweep, cfg=cfg) for s in cfg.seeds], args.workers)
+    write("sweep")
+
+    chen = tuple((m.name, lrs[m.name], 0.0) for m in CHEN_METHODS)
+    record["chen"] = _map(
+        [SeedTask(s, chen, biased=True, cfg=cfg) for s in cfg.seeds], args.workers
+    )
+    write("done")
 
 
 if __name__ == "__main__":
