@@ -21,7 +21,34 @@ export PYDEVD_DISABLE_FILE_VALIDATION := 1
 # from the book. The unit tests choose Agg themselves (tests/conftest.py).
 unexport MPLBACKEND
 
-.PHONY: book test lint unit assets browser clean
+.PHONY: book test lint unit assets browser system system-book clean
+
+# What the build and the browser tests need from the system, checked first so that a command stops
+# in seconds (not after the book build) when something is missing: npm, which fetches the book's
+# offline assets, and Debian's Chromium for tests/browser (driven by Playwright; never
+# `playwright install`). Installed with apt-get when this user is root or has passwordless sudo;
+# otherwise the command stops and prints the one command to run.
+define ensure_packages
+	@missing=""; \
+	for pkg in $(1); do \
+	  case $$pkg in chromium) [ -x /usr/bin/chromium ] ;; *) command -v $$pkg >/dev/null ;; esac \
+	    || missing="$$missing $$pkg"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" -eq 0 ]; then sudo=""; \
+	  elif sudo -n true 2>/dev/null; then sudo="sudo"; \
+	  else echo "missing:$$missing. Run:  sudo apt-get install -y$$missing"; exit 1; fi; \
+	  echo "installing with apt-get:$$missing"; \
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get update -qq; \
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+endef
+
+system-book:
+	$(call ensure_packages,npm)
+
+system:
+	$(call ensure_packages,npm chromium)
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,7 +60,7 @@ $(STAMP): requirements.txt pyproject.toml
 
 # MathJax, RequireJS and the widget manager from the npm registry into _vendor/ (skipped when present),
 # so the built HTML loads nothing from a CDN.
-assets: $(STAMP)
+assets: system-book $(STAMP)
 	$(BIN)/python scripts/vendor_assets.py
 
 # The execution cache is keyed on each notebook's own code, but the chapters also run the library and
@@ -58,11 +85,13 @@ lint: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/python -m pytest tests -q --ignore=tests/browser
 
-# Every page of the built book in headless Chromium, offline (needs /usr/bin/chromium; .ci/run installs it).
-browser: book
+# Every page of the built book in headless Chromium, offline (/usr/bin/chromium, from `make system`).
+browser: system book
 	$(BIN)/python -m pytest tests/browser -q
 
-test: lint unit book browser
+# `system` first: a missing browser is found before the long part starts.
+test: system
+	$(MAKE) lint unit book browser
 
 clean:
 	rm -rf _build _vendor
