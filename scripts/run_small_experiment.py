@@ -322,10 +322,10 @@ class SeedTask:
     cfg: ExperimentConfig = field(default_factory=ExperimentConfig)
 
 
-def run_seed(task: SeedTask, tokenizer=None) -> dict:
+def run_seed(task: SeedTask, tokenizer=None, threads: int = 1) -> dict:
     """Build the seed's reference (clean or biased), answer the held-out prompts with it, then
     train every requested run from it."""
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     tokenizer = make_tokenizer() if tokenizer is None else tokenizer
     cfg = task.cfg
     reference = make_reference(tokenizer, task.seed, cfg, biased=task.biased)
@@ -379,6 +379,42 @@ def run_seed(task: SeedTask, tokenizer=None) -> dict:
             flush=True,
         )
     return record
+
+
+# --- Reading results back -----------------------------------------------------------------
+
+
+def config_from_record(record: dict, **changes) -> ExperimentConfig:
+    """The :class:`ExperimentConfig` a results file was made with (JSON lists back to tuples)."""
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in record.items()}
+    return replace(ExperimentConfig(**values), **changes)
+
+
+def flatten(record: dict) -> dict[str, float]:
+    """Every number measured in one seed's record (from :func:`run_seed`), keyed by its path,
+    e.g. ``runs/dpo/steps/40/kl`` or ``reference/sorted``; bookkeeping (seconds) left out."""
+    flat: dict[str, float] = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}/{k}", v)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[prefix] = float(value)
+
+    walk("reference", {k: v for k, v in record["reference"].items() if k != "answers"})
+    for run in record["runs"]:
+        walk(f"runs/{run['method']}/final", run["final"])
+        for row in run["steps"]:
+            walk(f"runs/{run['method']}/steps/{row['step']}", {**row, "answers": None})
+    return flat
+
+
+def answers_changed(a: dict, b: dict) -> int:
+    """How many of the kept sample answers differ between two records of the same seed."""
+    pairs = [(a["reference"]["answers"], b["reference"]["answers"])]
+    pairs += [(x["answers"], y["answers"]) for x, y in zip(a["runs"], b["runs"], strict=True)]
+    return sum(u != v for x, y in pairs for u, v in zip(x, y, strict=True))
 
 
 # --- The whole design ----------------------------------------------------------------------
