@@ -171,8 +171,10 @@ def focalpo_loss(
 ) -> torch.Tensor:
     """FocalPO loss (Liu et al., 2025): the DPO loss times p**gamma, i.e. -p**gamma log p.
 
-    With p = sigmoid(z) and z from :func:`preference_logits`. Pairs the model already ranks
-    correctly (p > 1/2) keep most of their weight; misranked pairs (p -> 0) are down-weighted.
+    With p = sigmoid(z) and z from :func:`preference_logits`. Pairs correctly ranked by the
+    implicit reward (z > 0, p > 1/2) keep most of their weight; pairs it misranks (p -> 0) are
+    down-weighted. At step 0 the policy is the reference, so z = 0 and every pair has the same
+    weight 0.5**gamma: the focus forms only as the margins move.
     ``gamma=0`` is DPO exactly. With ``detach_weight=True`` the factor p**gamma is a constant in
     the backward pass, so each pair's gradient is DPO's times p**gamma; with ``False`` the factor
     is differentiated too (see :func:`gradient_weight` for both gradients).
