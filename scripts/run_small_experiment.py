@@ -20,12 +20,14 @@ Design (every number below is in :class:`ExperimentConfig` and written to the re
 
 Every run is evaluated at steps 0, 20, ..., 80: answers and their win rate, a Monte-Carlo KL from
 the reference (for the reward-KL frontier), held-out ranking metrics and log-probs, and Chen et
-al.'s four groups on the *training* pairs. Everything runs in float64, so that another CPU
-reproduces the numbers (scripts/check_portability.py measures how far they move):
+al.'s four groups on the *training* pairs. Runs are float32 with one thread per process, so
+they repeat to the bit on the same CPU; scripts/check_portability.py measures how far they move
+on another.
 
-    .venv/bin/python scripts/run_small_experiment.py --workers 2
+    .venv/bin/python scripts/run_small_experiment.py --workers 2 [--save-models DIR]
 
-writes results/small_experiment.json (about an hour on two cores). tests/test_small_experiment.py
+writes results/small_experiment.json (about an hour on two cores; ``--save-models`` also keeps
+every reported model, to re-score its answers with other code). tests/test_small_experiment.py
 re-runs part of it through :func:`run_seed` and compares.
 """
 
@@ -270,6 +272,7 @@ def run_one(
             row["ranking_accuracy"] = _ranking_accuracy(metrics)
     final = steps[-1]
     return {
+        "model": model,
         "seed": seed,
         "method": method.name,
         "noise": noise,
@@ -320,6 +323,7 @@ class SeedTask:
     biased: bool = False
     measure_steps: bool = True
     cfg: ExperimentConfig = field(default_factory=ExperimentConfig)
+    save_dir: str | None = None  # where to save each trained model (and the reference)
 
 
 def run_seed(task: SeedTask, tokenizer=None, threads: int = 1) -> dict:
@@ -352,6 +356,8 @@ def run_seed(task: SeedTask, tokenizer=None, threads: int = 1) -> dict:
         },
         "runs": [],
     }
+    if task.save_dir is not None:
+        _save(reference, tokenizer, task, "reference")
     step_zero = {}  # per noise level: the reference's own measurements, shared by its runs
     for name, lr, noise in task.runs:
         start = time.perf_counter()
@@ -371,7 +377,10 @@ def run_seed(task: SeedTask, tokenizer=None, threads: int = 1) -> dict:
         if task.measure_steps:
             step_zero.setdefault(noise, run["steps"][0])
         run["seconds"] = time.perf_counter() - start
+        model = run.pop("model")
         record["runs"].append(run)
+        if task.save_dir is not None:
+            _save(model, tokenizer, task, f"{name}_noise{noise:g}")
         print(
             f"seed {task.seed:>3} {'biased ' if task.biased else ''}{name:<20} lr {lr:.0e} "
             f"noise {noise:.1f}: win rate {run['final']['win_rate']:.3f}, true reward "
@@ -379,6 +388,14 @@ def run_seed(task: SeedTask, tokenizer=None, threads: int = 1) -> dict:
             flush=True,
         )
     return record
+
+
+def _save(model, tokenizer, task: SeedTask, name: str) -> None:
+    """``save_dir/<world>_seed<k>/<name>/``: a model and tokenizer ``from_pretrained`` loads."""
+    world = "chen" if task.biased else "main"
+    folder = os.path.join(task.save_dir, f"{world}_seed{task.seed}", name)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
 
 
 # --- Reading results back -----------------------------------------------------------------
@@ -481,6 +498,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=2, help="processes, one thread each")
     parser.add_argument("--seeds", type=int, default=len(ExperimentConfig.seeds))
     parser.add_argument("--out", default="results/small_experiment.json")
+    parser.add_argument(
+        "--save-models",
+        metavar="DIR",
+        help="also save every reported model (from_pretrained format), e.g. to re-score them",
+    )
     args = parser.parse_args(argv)
     datasets.disable_progress_bars()
     cfg = replace(ExperimentConfig(), seeds=tuple(range(args.seeds)))
@@ -518,7 +540,8 @@ def main(argv: list[str] | None = None) -> None:
     write("tuning")
 
     main_runs = tuple((m.name, lrs[m.name], cfg.noise) for m in METHODS)
-    record["main"] = _map([SeedTask(s, main_runs, cfg=cfg) for s in cfg.seeds], args.workers)
+    saved = {"cfg": cfg, "save_dir": args.save_models}
+    record["main"] = _map([SeedTask(s, main_runs, **saved) for s in cfg.seeds], args.workers)
     write("main")
 
     baseline = strongest_baseline(record["main"])
@@ -528,12 +551,12 @@ def main(argv: list[str] | None = None) -> None:
         for noise in cfg.sweep_noise
         for name in ("dpo", DEFAULT_FOCALPO.name, baseline)
     )
-    record["sweep"] = _map([SeedTask(s, sweep, cfg=cfg) for s in cfg.seeds], args.workers)
+    record["sweep"] = _map([SeedTask(s, sweep, **saved) for s in cfg.seeds], args.workers)
     write("sweep")
 
     chen = tuple((m.name, lrs[m.name], 0.0) for m in CHEN_METHODS)
     record["chen"] = _map(
-        [SeedTask(s, chen, biased=True, cfg=cfg) for s in cfg.seeds], args.workers
+        [SeedTask(s, chen, biased=True, **saved) for s in cfg.seeds], args.workers
     )
     write("done")
 
