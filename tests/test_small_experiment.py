@@ -172,3 +172,20 @@ def test_choices_follow_from_the_recorded_runs(committed, script, cfg):
     sweep_methods = {r["method"] for s in committed["sweep"] for r in s["runs"]}
     assert sweep_methods == {"dpo", committed["default_focalpo"], committed["strongest_baseline"]}
     assert {r["noise"] for s in committed["sweep"] for r in s["runs"]} == set(cfg.sweep_noise)
+
+
+def test_saved_models_load_and_give_the_recorded_answers(script, cfg, tokenizer, tmp_path):
+    """--save-models: what is saved is the model that gave the recorded answers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from focalpo_mini.generation import greedy_answers
+
+    small = replace(cfg, steps=2, eval_every=1, n_train=32, n_eval=16, sft_steps=2)
+    task = script.SeedTask(3, (("dpo", 1e-3, 0.2),), cfg=small, save_dir=str(tmp_path))
+    record = script.run_seed(task, tokenizer)
+    folder = tmp_path / "main_seed3" / "dpo_noise0.2"
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    loaded_tokenizer = AutoTokenizer.from_pretrained(folder)
+    prompts = list(script.eval_pairs(small)["prompt"])[: small.samples_kept]
+    assert greedy_answers(model, loaded_tokenizer, prompts) == record["runs"][0]["answers"]
+    assert (tmp_path / "main_seed3" / "reference" / "config.json").exists()
