@@ -10,7 +10,7 @@ pair's label is flipped; with z = beta * h from :func:`focalpo_mini.preference_l
 - robust DPO (Chowdhury et al., 2024):
   [-(1 - eps) log sigmoid(z) + eps log sigmoid(-z)] / (1 - 2 eps),
   an unbiased estimate of the clean-label DPO loss when labels flip with probability eps.
-- IPO (Azar et al., 2023): (h_bar - 1 / (2 beta))**2, a squared loss that pulls the length-averaged
+- IPO (Azar et al., 2024): (h_bar - 1 / (2 beta))**2, a squared loss that pulls the length-averaged
   log-ratio difference h_bar to a finite target instead of pushing it to infinity.
 
 The formulas are TRL 1.16's ``loss_type="robust"`` and ``"ipo"`` (IPO on log-probs averaged over
