@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -466,17 +467,25 @@ def strongest_baseline(main: list[dict]) -> str:
 
 
 def machine_fingerprint() -> dict:
-    """What decides the last bits of a CPU run: the CPU, torch's kernels and BLAS, the threads."""
-    model = platform.processor() or platform.machine()
+    """What decides the last bits of a CPU run: the CPU (its model name can be as vague as "AMD
+    EPYC" in a VM, so also its family, model number, stepping and instruction-set flags), torch's
+    kernels and BLAS, and the threads."""
+    info: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
-            model = next(
-                line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
-            )
-    except (OSError, StopIteration):
+            for line in f:
+                key, _, value = line.partition(":")
+                if not line.strip():
+                    break  # the first processor is enough
+                info.setdefault(key.strip(), value.strip())
+    except OSError:
         pass
     return {
-        "cpu": model,
+        "cpu": info.get("model name", platform.processor() or platform.machine()),
+        "cpu_id": " ".join(
+            info.get(k, "?") for k in ("vendor_id", "cpu family", "model", "stepping")
+        ),
+        "cpu_flags_sha256": hashlib.sha256(info.get("flags", "").encode()).hexdigest()[:16],
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "blas": "mkl" if torch.backends.mkl.is_available() else "other",
         "torch": torch.__version__,

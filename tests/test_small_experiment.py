@@ -4,9 +4,9 @@ The test re-runs seed 0 of the main comparison (the reference, DPO and FocalPO a
 gamma) through the script's own :func:`run_seed` and compares every number it measures with
 results/small_experiment.json:
 
-- on the machine that made the file (same CPU model, torch CPU capability, torch version; one
-  thread), a seeded float32 run repeats to the bit, so every number must agree to 1e-9 and every
-  answer must be the same;
+- on the machine that made the file (same CPU name, family, model number, stepping and flags,
+  torch CPU capability and torch version; one thread), a seeded float32 run repeats to the bit,
+  so every number must agree to 1e-9 and every answer must be the same;
 - on another machine the last bits of the float32 sums move, and through training so do the
   numbers. Each number may then move by three times the largest movement that
   scripts/check_portability.py measured (results/portability.json: kernels restricted to AVX2 or
@@ -74,9 +74,14 @@ def rerun(script, committed, cfg, tokenizer):
     return _rerun(script, committed, cfg, tokenizer, runs)
 
 
+SAME_MACHINE_KEYS = ("cpu", "cpu_id", "cpu_flags_sha256", "torch_cpu_capability", "torch")
+
+
 def _same_machine(script, committed) -> bool:
+    """The file was made on this CPU model (name, family, model number, stepping, flags) with
+    this torch. A file that does not record all of these counts as made elsewhere."""
     here, there = script.machine_fingerprint(), committed["machine"]
-    return all(here[k] == there[k] for k in ("cpu", "torch_cpu_capability", "torch"))
+    return all(k in there and here[k] == there[k] for k in SAME_MACHINE_KEYS)
 
 
 def _tolerance(key: str, value: float, cfg, largest: dict[str, float]) -> float:
