@@ -10,8 +10,10 @@ results/small_experiment.json:
 - on another machine the last bits of the float32 sums move, and through training so do the
   numbers. Each number may then move by three times the largest movement that
   scripts/check_portability.py measured (results/portability.json: kernels restricted to AVX2 or
-  plain code, two threads, float64 instead of float32), and at least by the smallest step that
-  number can take (one answer, one pair, or 1e-5 relative for a continuous quantity).
+  plain code, two threads, float64 instead of float32), and at least by the change one flipped
+  decision makes (two or three answers or pairs; one sampled answer of the KL estimate; 1e-5
+  relative for a continuous quantity). Measured here, nothing but log-probs and losses moved,
+  and those by less than 1e-4 nats.
 
 That tolerance still catches a real change: ``test_a_changed_beta_is_caught`` re-runs DPO with
 beta 0.11 instead of 0.1 and requires the comparison to fail.
@@ -85,13 +87,17 @@ def _same_machine(script, committed) -> bool:
 
 
 def _tolerance(key: str, value: float, cfg, largest: dict[str, float]) -> float:
-    """Three times the measured movement, and at least the smallest step the number can take."""
+    """Three times the measured movement, and at least the smallest change a flipped decision
+    makes: on another CPU a greedy answer at a near-tie, or one token of the KL estimate's
+    samples, can come out differently even when every sum moves by 1e-5."""
     if "train_groups" in key or key.endswith("misranked"):
-        floor = 1.0  # a count: one pair
+        floor = 2.0  # counts: two pairs
+    elif key.endswith("/kl"):
+        floor = 20.0 / cfg.n_eval  # one of the sampled answers changing its log-ratio by 20 nats
     elif key.split("/")[-1] in FRACTIONS or "true_reward" in key:
-        floor = 2.0 / cfg.n_eval  # one answer (true reward spans 2) or one held-out pair
+        floor = 5.0 / cfg.n_eval  # two or three answers or held-out pairs
     else:
-        floor = 1e-5 * max(1.0, abs(value))
+        floor = 1e-5 * max(1.0, abs(value))  # continuous: the measured movements are below this
     return max(3.0 * largest.get(key, 0.0), floor)
 
 
