@@ -297,8 +297,10 @@ def train(
         if config.record_eval_pairs:
             run.eval_pairs.append({"step": run.step, **pairs})
         if on_eval is not None:
-            on_eval(run.step, model)
-            model.train()
+            try:
+                on_eval(run.step, model)
+            finally:
+                model.train()
 
     def save() -> None:
         state = {
