@@ -215,7 +215,6 @@ def run_one(
         reference, tokenizer, train_data, max_length=cfg.max_length, batch_size=128
     )
     ref_correct = ranked_correctly(ref_chosen, ref_rejected)
-    zero = torch.tensor([holds_zero(p) for p in prompts])
     steps: list[dict] = []
 
     def measure(step: int, model) -> None:
@@ -228,9 +227,7 @@ def run_one(
             model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.n_eval
         )
         row = {"step": step, **answer_quality(prompts, answers, reference_answers)}
-        row["true_reward/holds_zero"] = statistics.fmean(
-            r for r, z in zip(_rewards(prompts, answers), zero.tolist(), strict=True) if z
-        )
+        row["true_reward/holds_zero"] = reward_on_zero_prompts(prompts, answers)
         if measure_steps:
             row["kl"] = sampled_kl(
                 model,
@@ -288,8 +285,11 @@ def run_one(
     }
 
 
-def _rewards(prompts, answers):
-    return [true_reward(p, a) for p, a in zip(prompts, answers, strict=True)]
+def reward_on_zero_prompts(prompts: list[str], answers: list[str]) -> float:
+    """Mean true reward of the answers to the prompts that hold a 0 (biased in Chen's world)."""
+    return statistics.fmean(
+        true_reward(p, a) for p, a in zip(prompts, answers, strict=True) if holds_zero(p)
+    )
 
 
 def _groups(ref_correct, now_correct, flipped) -> dict[str, int]:
@@ -348,9 +348,7 @@ def run_seed(task: SeedTask, tokenizer=None, threads: int = 1) -> dict:
         "biased": task.biased,
         "reference": {
             **answer_quality(prompts, answers),
-            "true_reward/holds_zero": statistics.fmean(
-                r for r, p in zip(_rewards(prompts, answers), prompts, strict=True) if holds_zero(p)
-            ),
+            "true_reward/holds_zero": reward_on_zero_prompts(prompts, answers),
             "answers": answers[: cfg.samples_kept],
             "clean_train_pairs_misranked": int(gap.numel()),
             "misranked_gap_median": float(gap.median()) if gap.numel() else float("nan"),

@@ -47,7 +47,7 @@ def conservative_dpo_loss(
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (shape ``(B,)``).
 
     Returns:
-        The loss in the promoted dtype of the inputs (computed in float32 for half inputs).
+        The loss in the promoted dtype of the inputs (float32 for half precision).
     """
     eps = check_number("label_smoothing", label_smoothing, minimum=0.0, maximum=0.5)
     check_reduction(reduction)
@@ -80,7 +80,7 @@ def robust_dpo_loss(
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (shape ``(B,)``).
 
     Returns:
-        The loss in the promoted dtype of the inputs (computed in float32 for half inputs).
+        The loss in the promoted dtype of the inputs (float32 for half precision).
     """
     eps = check_number("label_smoothing", label_smoothing, minimum=0.0, maximum=0.5)
     if eps == 0.5:
@@ -118,7 +118,7 @@ def ipo_loss(
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (shape ``(B,)``).
 
     Returns:
-        The loss in the promoted dtype of the inputs (computed in float32 for half inputs).
+        The loss in the promoted dtype of the inputs (float32 for half precision).
     """
     beta = check_number("beta", beta, minimum=0.0, inclusive=False)
     check_reduction(reduction)
@@ -132,12 +132,12 @@ def ipo_loss(
         if not isinstance(lengths, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(lengths).__name__}")
         check_same_shape("policy_chosen_logps", policy_chosen_logps, **{name: lengths})
-    compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    chosen = (policy_chosen_logps.to(compute) - ref_chosen_logps.to(compute)) / chosen_lengths.to(
-        compute
+    # dtype is already the compute dtype (float32 for half inputs), as for every loss here
+    chosen = (policy_chosen_logps.to(dtype) - ref_chosen_logps.to(dtype)) / chosen_lengths.to(
+        dtype
     ).clamp(min=1.0)
     rejected = (
-        policy_rejected_logps.to(compute) - ref_rejected_logps.to(compute)
-    ) / rejected_lengths.to(compute).clamp(min=1.0)
+        policy_rejected_logps.to(dtype) - ref_rejected_logps.to(dtype)
+    ) / rejected_lengths.to(dtype).clamp(min=1.0)
     loss = (chosen - rejected - 1.0 / (2.0 * beta)) ** 2
     return _reduce(loss, reduction).to(dtype)

@@ -14,6 +14,7 @@ import statistics
 
 import torch
 
+from focalpo_mini._checks import compute_dtype
 from focalpo_mini.data import true_reward
 from focalpo_mini.pairs import pad_token_id
 
@@ -154,6 +155,6 @@ def _token_logps(model, input_ids, attention_mask, completion_mask) -> torch.Ten
     logits = model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
     ).logits[:, :-1]
-    logps = torch.log_softmax(logits.float() if logits.dtype != torch.float64 else logits, -1)
+    logps = torch.log_softmax(logits.to(compute_dtype(logits.dtype)), -1)
     token = logps.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
     return (token * completion_mask[:, 1:]).sum(dim=1)
