@@ -71,8 +71,9 @@ def trl_step_zero(tokenizer, tmp_path_factory):
         def on_log(self, args, state, control, logs=None, **kwargs):
             self.logs.append(dict(logs))
 
-    def run(dataset, *, beta=0.1):
+    def run(dataset, *, beta=0.1, **overrides):
         config = DPOConfig(
+            **overrides,
             output_dir=str(tmp_path_factory.mktemp("dpo")),
             beta=beta,
             bf16=False,
@@ -99,6 +100,8 @@ def trl_step_zero(tokenizer, tmp_path_factory):
         # TRL's own log-prob code, on the policy and on the reference, before the step.
         policy = trainer.compute_ref_log_probs(trainer.model, batch)
         ref = trainer.compute_ref_log_probs(trainer.ref_model, batch)
+        with torch.no_grad():  # TRL's own loss of the batch, unrounded (the logs round it)
+            loss = trainer.compute_loss(trainer.model, batch).item()
         trainer.train()
         return {
             "batch": batch,
@@ -106,6 +109,7 @@ def trl_step_zero(tokenizer, tmp_path_factory):
             "policy_rejected_logps": policy[1],
             "ref_chosen_logps": ref[0],
             "ref_rejected_logps": ref[1],
+            "loss": loss,
             "logs": keep_logs.logs[0],
         }
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from focalpo_mini import dpo_loss, make_model, make_preference_dataset
 from focalpo_mini.baselines import conservative_dpo_loss, ipo_loss, robust_dpo_loss
-from focalpo_mini.pairs import batch_logps, collate, pad_token_id, prepare_pairs
+from focalpo_mini.pairs import batch_logps
 from focalpo_mini.trainer import TrainConfig, preference_loss, train
 
 
@@ -16,49 +16,13 @@ def _logps(seed=0, n=64):
     return tuple(-20 * torch.rand(n, generator=g, dtype=torch.float64) for _ in range(4))
 
 
-@pytest.fixture(scope="module")
-def trl_batch(tokenizer, tmp_path_factory):
-    """``run(loss_type, label_smoothing)``: TRL's DPOTrainer loss on one batch of 8 pairs
-    (policy seed 0, reference seed 1), and the batch itself."""
-    from trl import DPOConfig, DPOTrainer
-
-    dataset = make_preference_dataset(8, seed=3, noise=0.25)
-
-    def run(loss_type, label_smoothing=0.0, beta=0.1):
-        args = DPOConfig(
-            output_dir=str(tmp_path_factory.mktemp("baseline")),
-            loss_type=[loss_type],
-            label_smoothing=label_smoothing,
-            beta=beta,
-            bf16=False,
-            activation_checkpointing=False,
-            report_to=[],
-            use_cpu=True,
-            save_strategy="no",
-            per_device_train_batch_size=8,
-        )
-        trainer = DPOTrainer(
-            model=make_model(tokenizer, seed=0),
-            ref_model=make_model(tokenizer, seed=1),
-            args=args,
-            train_dataset=dataset,
-            processing_class=tokenizer,
-        )
-        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(dataset))])
-        with torch.no_grad():
-            loss = trainer.compute_loss(trainer.model, batch)
-        return loss.item(), trainer
-
-    return run, dataset
+DATASET = make_preference_dataset(8, seed=3, noise=0.25)
 
 
-def _our_loss(tokenizer, dataset, config):
-    """Our trainer's loss of the same batch: our log-probs, tokenisation and collation."""
-    pairs, _, _ = prepare_pairs(tokenizer, dataset, max_length=1024, max_prompt_length=None)
-    batch = collate(pairs, pad_token_id(tokenizer))
-    ref_model = make_model(tokenizer, seed=1)
+def _our_loss(tokenizer, batch, config):
+    """Our trainer's loss of TRL's batch: our log-probs of it, our dispatch to the loss."""
     with torch.no_grad():
-        ref_chosen, ref_rejected = batch_logps(ref_model.eval(), batch)
+        ref_chosen, ref_rejected = batch_logps(make_model(tokenizer, seed=1).eval(), batch)
         loss, _, _ = preference_loss(
             make_model(tokenizer, seed=0), batch, ref_chosen, ref_rejected, config=config
         )
@@ -69,21 +33,20 @@ def _our_loss(tokenizer, dataset, config):
     ("ours", "trl_name", "eps"),
     [("robust", "robust", 0.1), ("robust", "robust", 0.3), ("ipo", "ipo", 0.0)],
 )
-def test_trainer_loss_equals_trl_on_one_batch(trl_batch, tokenizer, ours, trl_name, eps):
-    run, dataset = trl_batch
-    expected, _ = run(trl_name, eps)
-    got = _our_loss(tokenizer, dataset, TrainConfig(loss=ours, label_smoothing=eps, beta=0.1))
-    assert got == pytest.approx(expected, abs=1e-6, rel=1e-6)
+def test_trainer_loss_equals_trl_on_one_batch(trl_step_zero, tokenizer, ours, trl_name, eps):
+    step = trl_step_zero(DATASET, loss_type=[trl_name], label_smoothing=eps)
+    got = _our_loss(tokenizer, step["batch"], TrainConfig(loss=ours, label_smoothing=eps))
+    assert got == pytest.approx(step["loss"], abs=1e-6, rel=1e-6)
     # and the comparison can fail: another epsilon gives another loss
     if ours == "robust":
-        other = _our_loss(tokenizer, dataset, TrainConfig(loss=ours, label_smoothing=eps / 2))
-        assert abs(other - expected) > 1e-4
+        other = _our_loss(tokenizer, step["batch"], TrainConfig(loss=ours, label_smoothing=eps / 2))
+        assert abs(other - step["loss"]) > 1e-4
 
 
-def test_trl_sigmoid_ignores_label_smoothing(trl_batch):
+def test_trl_sigmoid_ignores_label_smoothing(trl_step_zero):
     """Why cDPO is checked against binary cross-entropy below: TRL 1.16 has no cDPO."""
-    run, _ = trl_batch
-    assert run("sigmoid", 0.0)[0] == pytest.approx(run("sigmoid", 0.2)[0], abs=1e-7)
+    plain = trl_step_zero(DATASET, label_smoothing=0.0)["loss"]
+    assert trl_step_zero(DATASET, label_smoothing=0.2)["loss"] == pytest.approx(plain, abs=1e-7)
 
 
 def test_conservative_dpo_is_cross_entropy_against_the_soft_label():

@@ -290,26 +290,23 @@ def test_focalpo_config_accepts_numpy_scalars(tmp_path):
 
 
 def test_focalpo_trainer_checks_rows_and_warns_about_identical_pairs(tokenizer, tmp_path):
+    def build(rows):
+        return FocalPOTrainer(
+            model=make_model(tokenizer),
+            ref_model=make_model(tokenizer, seed=1),
+            args=focal_args(tmp_path),
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+        )
+
     rows = make_preference_dataset(4, seed=0, conversational=True).to_list()
     rows[1]["prompt"] = [{"from": "human", "value": "sort: 2 1"}]
     with pytest.raises(ValueError, match=r"train_dataset row 1: prompt, message 0: has \['from'"):
-        FocalPOTrainer(
-            model=make_model(tokenizer),
-            ref_model=make_model(tokenizer, seed=1),
-            args=focal_args(tmp_path),
-            train_dataset=Dataset.from_list(rows),
-            processing_class=tokenizer,
-        )
+        build(rows)
     rows = make_preference_dataset(4, seed=0).to_list()
     rows[2]["rejected"] = rows[2]["chosen"] + tokenizer.eos_token
     with pytest.warns(UserWarning, match=r"train_dataset: 1 pair\(s\) of 4 have the same chosen"):
-        FocalPOTrainer(
-            model=make_model(tokenizer),
-            ref_model=make_model(tokenizer, seed=1),
-            args=focal_args(tmp_path),
-            train_dataset=Dataset.from_list(rows),
-            processing_class=tokenizer,
-        )
+        build(rows)
 
 
 def test_focalpo_trainer_zeroes_a_non_finite_batch_and_counts_it(tokenizer, tmp_path):

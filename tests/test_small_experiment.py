@@ -65,15 +65,14 @@ def _committed_seed(committed, seed=0, stage="main"):
     return record
 
 
-def _rerun(script, committed, cfg, tokenizer, runs):
-    task = script.SeedTask(0, runs, cfg=cfg)
-    return script.run_seed(task, tokenizer, threads=1)
+def _rerun(script, cfg, tokenizer, runs):
+    return script.run_seed(script.SeedTask(0, runs, cfg=cfg), tokenizer, threads=1)
 
 
 @pytest.fixture(scope="module")
 def rerun(script, committed, cfg, tokenizer):
     runs = tuple((m, committed["learning_rates"][m], cfg.noise) for m in METHODS)
-    return _rerun(script, committed, cfg, tokenizer, runs)
+    return _rerun(script, cfg, tokenizer, runs)
 
 
 SAME_MACHINE_KEYS = ("cpu", "cpu_id", "cpu_flags_sha256", "torch_cpu_capability", "torch")
@@ -114,11 +113,16 @@ def mismatches(got: dict, expected: dict, tolerance) -> list[str]:
     return wrong
 
 
+def _cross_machine(cfg):
+    """The tolerance ``(key, value) -> allowed |difference|`` for a run on another machine."""
+    largest = json.loads(PORTABILITY.read_text())["largest"]
+    return lambda key, value: _tolerance(key, value, cfg, largest)
+
+
 def _comparison(script, committed, cfg):
     if _same_machine(script, committed):
         return lambda key, value: 1e-9 * max(1.0, abs(value)), True
-    largest = json.loads(PORTABILITY.read_text())["largest"]
-    return lambda key, value: _tolerance(key, value, cfg, largest), False
+    return _cross_machine(cfg), False
 
 
 def _expected(script, committed, methods):
@@ -140,12 +144,10 @@ def test_rerun_reproduces_the_committed_numbers(script, committed, cfg, rerun):
 def test_a_changed_beta_is_caught(script, committed, cfg, tokenizer):
     """The tolerance is not so wide that a real change passes: beta 0.11 instead of 0.1."""
     runs = (("dpo", committed["learning_rates"]["dpo"], cfg.noise),)
-    changed = _rerun(script, committed, replace(cfg, beta=0.11), tokenizer, runs)
+    changed = _rerun(script, replace(cfg, beta=0.11), tokenizer, runs)
     _, expected = _expected(script, committed, ("dpo",))
-    largest = json.loads(PORTABILITY.read_text())["largest"]
-    cross_machine = lambda key, value: _tolerance(key, value, cfg, largest)  # noqa: E731
     runs_only = {k: v for k, v in expected.items() if k.startswith("runs/")}
-    assert len(mismatches(script.flatten(changed), runs_only, cross_machine)) > 10
+    assert len(mismatches(script.flatten(changed), runs_only, _cross_machine(cfg))) > 10
 
 
 def test_portability_file_measured_this_experiment(committed, script):
