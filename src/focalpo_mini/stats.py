@@ -47,14 +47,14 @@ def studentized_bootstrap_interval(
     ``(mean - q_hi * se, mean - q_lo * se)`` with ``q_lo``, ``q_hi`` the outer quantiles of t*.
 
     Why this interval and not another, at the ten seeds of chapter 7: the percentile bootstrap
-    resamples the mean but treats the spread of ten values as known, so it runs narrow; BCa
-    corrects its bias and skew but inherits that narrowness; the paired t-interval accounts for
-    the uncertain spread but is exact only for normal differences and under-covers when they are
-    skewed. The studentized bootstrap estimates the distribution of the t statistic itself from
-    the data, so it widens for an uncertain spread and bends with skew. tests/test_stats.py
-    measures the coverage of all four at n = 10 for normal and exponential differences; only this
-    one stays within its stated margin of ``confidence`` for both. No interval for a mean holds
-    its level for every distribution at n = 10: for heavier skew it too runs narrow.
+    resamples the mean but treats the spread of ten values as known, so it runs narrow (BCa
+    corrects its bias and skew, not that); the paired t-interval accounts for the uncertain
+    spread but is exact only for normal differences and under-covers when they are skewed. The
+    studentized bootstrap estimates the distribution of the t statistic itself from the data, so
+    it widens for an uncertain spread and bends with skew. tests/test_stats.py measures the
+    coverage of the percentile, t and studentized intervals at n = 10 for normal and exponential
+    differences; only this one stays within its stated margin of 95% for both. No interval for a
+    mean holds its level for every distribution at n = 10: for heavier skew it too runs narrow.
 
     A resample whose values are all equal has no t statistic and is left out. If all ``values``
     are equal, the interval is ``(mean, mean)``. Memory: ``resamples * n`` float64 numbers.
