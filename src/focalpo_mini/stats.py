@@ -1,17 +1,22 @@
-"""Comparing two training methods over seeds: paired differences, a bootstrap interval, a sign test.
+"""Comparing two training methods over seeds: paired differences, an interval, a sign test.
 
 Each seed gives one number per method (a win rate, say), computed from the same reference, data
 and batch order, so the fair comparison is the per-seed difference. :func:`paired_comparison`
-summarises those differences with their mean, a 95% percentile-bootstrap interval for the mean,
-and an exact two-sided sign test (ties dropped), which assumes nothing about their distribution.
+summarises those differences with their mean, a 95% studentized-bootstrap interval for the mean
+(:func:`studentized_bootstrap_interval`) and an exact two-sided sign test (ties dropped), which
+assumes nothing about their distribution. :func:`holm` adjusts the p-values of several such
+comparisons so that the chance of any false "different" stays below the level.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
+
+from focalpo_mini._checks import check_int
 
 
 def sign_test(wins: int, losses: int) -> float:
@@ -27,6 +32,76 @@ def sign_test(wins: int, losses: int) -> float:
     return min(1.0, 2 * tail)
 
 
+def studentized_bootstrap_interval(
+    values: Sequence[float] | np.ndarray,
+    *,
+    confidence: float = 0.95,
+    resamples: int = 10_000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """A ``confidence`` interval ``(low, high)`` for the mean of ``values`` (n >= 2 finite numbers,
+    one per seed, in their own unit), by the studentized bootstrap ("bootstrap-t").
+
+    Each of ``resamples`` resamples (drawn with ``seed``) gives ``t* = (mean* - mean) / se*``,
+    with ``se`` the standard error ``std(ddof=1) / sqrt(n)``; the interval is
+    ``(mean - q_hi * se, mean - q_lo * se)`` with ``q_lo``, ``q_hi`` the outer quantiles of t*.
+
+    Why this interval and not another, at the ten seeds of chapter 7: the percentile bootstrap
+    resamples the mean but treats the spread of ten values as known, so it runs narrow (BCa
+    corrects its bias and skew, not that); the paired t-interval accounts for the uncertain
+    spread but is exact only for normal differences and under-covers when they are skewed. The
+    studentized bootstrap estimates the distribution of the t statistic itself from the data, so
+    it widens for an uncertain spread and bends with skew. tests/test_stats.py measures the
+    coverage of the percentile, t and studentized intervals at n = 10 for normal and exponential
+    differences; only this one stays within its stated margin of 95% for both. No interval for a
+    mean holds its level for every distribution at n = 10: for heavier skew it too runs narrow.
+
+    A resample whose values are all equal has no t statistic and is left out. If all ``values``
+    are equal, the interval is ``(mean, mean)``. Memory: ``resamples * n`` float64 numbers.
+    """
+    if isinstance(confidence, bool) or not isinstance(confidence, numbers.Real):
+        raise TypeError(f"confidence must be a real number, got {type(confidence).__name__}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    resamples = check_int("resamples", resamples, 100)
+    seed = check_int("seed", seed, 0)
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim != 1 or len(x) < 2:
+        raise ValueError(f"values must be 1-D with at least 2 numbers, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError("values must be finite (no NaN or inf)")
+    n, mean = len(x), float(x.mean())
+    se = float(x.std(ddof=1)) / math.sqrt(n)
+    if se == 0.0:
+        return mean, mean
+    rng = np.random.default_rng(seed)
+    boot = x[rng.integers(0, n, size=(resamples, n))]
+    boot_se = boot.std(axis=1, ddof=1) / math.sqrt(n)
+    spread = boot_se > 0
+    t_star = (boot.mean(axis=1)[spread] - mean) / boot_se[spread]
+    q_lo, q_hi = np.quantile(t_star, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return mean - float(q_hi) * se, mean - float(q_lo) * se
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of m p-values, in their given order.
+
+    Rejecting every hypothesis whose adjusted p-value is <= alpha keeps the family-wise error
+    rate (the chance of rejecting at least one true null) <= alpha, whatever the dependence
+    between the tests. The i-th smallest p (from 1) is multiplied by m - i + 1, the results are
+    made non-decreasing in that order, and capped at 1.
+    """
+    p = np.asarray(p_values, dtype=np.float64)
+    if p.ndim != 1 or len(p) == 0 or not ((p >= 0) & (p <= 1)).all():
+        raise ValueError(f"p_values must be a non-empty 1-D list in [0, 1], got {p_values!r}")
+    m = len(p)
+    order = np.argsort(p, kind="stable")
+    stepped = np.maximum.accumulate(p[order] * (m - np.arange(m)))
+    adjusted = np.empty(m)
+    adjusted[order] = np.minimum(stepped, 1.0)
+    return adjusted.tolist()
+
+
 def paired_comparison(
     a: Sequence[float],
     b: Sequence[float],
@@ -38,8 +113,8 @@ def paired_comparison(
 ) -> dict[str, float]:
     """How ``a`` differs from ``b``, seed by seed (``a[i]`` and ``b[i]`` share seed i).
 
-    Returns ``mean`` (of a - b), ``low`` and ``high`` (a percentile-bootstrap interval for the
-    mean at ``confidence``, from ``resamples`` resamples of the seeds drawn with ``seed``),
+    Returns ``mean`` (of a - b), ``low`` and ``high`` (the :func:`studentized_bootstrap_interval`
+    for the mean at ``confidence``, from ``resamples`` resamples of the seeds drawn with ``seed``),
     ``wins``, ``losses``, ``ties`` (seeds where a is above, below, within ``tie`` of b), ``sign_p``
     (:func:`sign_test`) and ``n``.
     """
@@ -48,14 +123,14 @@ def paired_comparison(
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
     diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    means = diff[rng.integers(0, len(diff), size=(resamples, len(diff)))].mean(axis=1)
-    low, high = np.quantile(means, [(1 - confidence) / 2, (1 + confidence) / 2])
+    low, high = studentized_bootstrap_interval(
+        diff, confidence=confidence, resamples=resamples, seed=seed
+    )
     wins, losses = int((diff > tie).sum()), int((diff < -tie).sum())
     return {
         "mean": float(diff.mean()),
-        "low": float(low),
-        "high": float(high),
+        "low": low,
+        "high": high,
         "wins": wins,
         "losses": losses,
         "ties": len(diff) - wins - losses,
