@@ -414,7 +414,7 @@ def test_7b_chapter_installs_the_pinned_versions():
         for line in (ROOT / "requirements.txt").read_text().splitlines()
         if "==" in line and not line.startswith("#")
     )
-    cells = json.loads((ROOT / "book/part3/09_full_7b_run.ipynb").read_text())["cells"]
+    cells = json.loads((ROOT / "book/part3/10_full_7b_run.ipynb").read_text())["cells"]
     setup = "".join(cells[0]["source"])
     installed = dict(re.findall(r'"([\w-]+)": "([\w.]+)"', setup))
     packages = [
