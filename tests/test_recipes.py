@@ -404,9 +404,10 @@ def test_progress_report_prints_seconds_per_step_and_time_left(tmp_path, one_thr
     trainer.add_callback(report)
     train(trainer)
     # Step 1 is not timed; steps 2-3 are, then the checkpoint at step 4 reports again.
-    assert len(printed) == 2
+    assert len(printed) == 3
     assert printed[0].startswith("step 3/4: ") and "measured over 2 steps" in printed[0]
     assert printed[1].startswith("step 4/4: ") and "0.00 h left" in printed[1]
+    assert printed[2] == "the run is complete: step 4/4"
     assert report.seconds_per_step > 0
 
 

@@ -423,11 +423,14 @@ def record_run_plan(settings: RunSettings | ResolvedSettings) -> dict:
     """Fix the run's plan: write it to ``output_dir/run_plan.json`` if the folder has none,
     otherwise check these settings against it (:func:`check_run_plan`). Returns the plan."""
     settings = _resolve(settings)
+    state = process_state()
+    # Every process reads the folder before any process writes to it: they all take one branch.
+    state.wait_for_everyone()
     recorded = check_run_plan(settings)
+    state.wait_for_everyone()
     if recorded is not None:
         return recorded
     plan = run_plan(settings)
-    state = process_state()
     if state.is_main_process:
         _write_atomically(Path(settings.output_dir) / PLAN_FILE, json.dumps(plan, indent=2))
     state.wait_for_everyone()
