@@ -51,12 +51,13 @@ def test_every_notebook_is_in_the_toc():
 
 
 def test_repository_settings_for_colab():
+    """One ref for everything a reader gets: the launch buttons open the notebooks from
+    ``repository.branch``, and the install cells install from it too (next test). No second
+    ref, such as a release tag, that would have to be published by hand to match."""
     repo = CONFIG["repository"]
     assert repo["url"].startswith("https://github.com/")
-    assert repo["branch"]
-    # A fixed ref for the installs: a tag, or a full commit hash; never the moving branch.
-    ref = str(repo["install_ref"])
-    assert ref != repo["branch"] and re.fullmatch(r"v\d+\.\d+\.\d+|[0-9a-f]{40}", ref), ref
+    assert isinstance(repo["branch"], str) and repo["branch"]
+    assert set(repo) == {"url", "branch", "path_to_book"}, "one ref only: repository.branch"
     assert repo.get("path_to_book", "") == "", "path_to_book must stay empty (Colab links break)"
     assert CONFIG["launch_buttons"]["colab_url"] == "https://colab.research.google.com"
 
@@ -73,7 +74,7 @@ def test_colab_setup_cell_installs_from_the_configured_repository(notebook):
     assert installs, f"{notebook.name} has no Colab setup cell that installs the package"
     for match in installs:
         assert match["url"] == CONFIG["repository"]["url"], f"{notebook.name}: {match['url']}"
-        assert match["branch"] == str(CONFIG["repository"]["install_ref"]), (
+        assert match["branch"] == CONFIG["repository"]["branch"], (
             f"{notebook.name}: {match['branch']}"
         )
 
