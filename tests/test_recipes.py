@@ -223,7 +223,7 @@ def test_cast_trainable_to_fp32_casts_only_trainable_parameters(small_model):
         ({"num_pairs": 0}, ValueError, "num_pairs"),
         ({"num_pairs": 8.5}, TypeError, "num_pairs"),
         ({"save_steps": 0}, ValueError, "save_steps"),
-        ({"save_total_limit": 1}, ValueError, "save_total_limit"),
+        ({"save_total_limit": 0}, ValueError, "save_total_limit"),
         ({"learning_rate": 1e39}, ValueError, "learning_rate"),
         ({"warmup_ratio": 1.5}, ValueError, "warmup_ratio"),
         ({"output_dir": None}, TypeError, "output_dir"),

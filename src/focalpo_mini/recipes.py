@@ -116,8 +116,8 @@ class RunSettings:
     its values in any source this library could check.
 
     A checkpoint is written every ``save_steps`` optimiser steps to ``output_dir``, keeping the
-    last ``save_total_limit`` (at least 2, so that a complete one survives a save that is cut
-    off); :func:`train` resumes from the newest complete one. The folder also records the run's
+    last ``save_total_limit`` complete ones (older ones are deleted only once the new one is
+    complete); :func:`train` resumes from the newest complete one. The folder also records the run's
     plan (:func:`record_run_plan`): a later call with other settings is refused.
 
     Every field is checked when the settings are made: a wrong type raises ``TypeError`` and a
@@ -182,11 +182,6 @@ class RunSettings:
         for name in _INT_FIELDS:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.save_total_limit < 2:
-            raise ValueError(
-                f"save_total_limit must be >= 2 (a complete checkpoint must survive a save that "
-                f"is cut off), got {self.save_total_limit}"
-            )
         if self.max_steps != -1 and self.max_steps < 1:
             raise ValueError(
                 f"max_steps must be >= 1, or -1 for whole epochs, got {self.max_steps}"
@@ -621,8 +616,9 @@ def training_config(settings: RunSettings | ResolvedSettings) -> FocalPOConfig:
     (:func:`compute_dtype`), fp32 on a CPU. The full recipe precomputes the reference log-probs,
     so no reference model stays in memory. QLoRA uses paged AdamW, as the QLoRA paper does; the
     other recipes fused AdamW on a GPU (no temporary copy of the parameters at its step, which
-    torch's default foreach AdamW makes). A checkpoint every ``save_steps`` steps, the last
-    ``save_total_limit`` kept. The warm-up is ``warmup_ratio`` of the run, passed as
+    torch's default foreach AdamW makes). A checkpoint every ``save_steps`` steps; the old ones
+    are rotated away by :class:`CompleteCheckpoints`, not by transformers (which would delete
+    them before the new one is complete). The warm-up is ``warmup_ratio`` of the run, passed as
     ``warmup_steps`` below 1, which transformers 5 reads as a fraction (transformers 4 would
     read it as no warm-up: the Colab cell pins transformers).
     """
@@ -650,7 +646,6 @@ def training_config(settings: RunSettings | ResolvedSettings) -> FocalPOConfig:
         logging_first_step=True,  # step 1 has a known loss, (1/2)**gamma ln 2: a sanity check
         save_strategy="steps",
         save_steps=int(settings.save_steps),
-        save_total_limit=int(settings.save_total_limit),
         report_to=[],
         seed=int(settings.seed),
         disable_tqdm=settings.smoke,
@@ -724,18 +719,24 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> Path | None:
 
 
 class CompleteCheckpoints(TrainerCallback):
-    """Marks each checkpoint complete once it is safely written: syncs every file of the new
-    ``checkpoint-<step>`` folder to disk, calls ``flush`` (if given), writes
-    :data:`COMPLETE_MARKER` through a synced temporary file and a rename, and calls ``flush``
-    again. On Colab, ``flush`` is where Google Drive's background upload is forced to finish, so
-    that the marker reaches Drive after the files it lists. Every process waits for the others
-    first (each writes its own shards under ZeRO-3); the main process writes the marker.
+    """Marks each checkpoint complete once it is safely written, then keeps the newest ``keep``.
+
+    Syncs every file of the new ``checkpoint-<step>`` folder to disk, calls ``flush`` (if given),
+    writes :data:`COMPLETE_MARKER` through a synced temporary file and a rename, and calls
+    ``flush`` again. On Colab, ``flush`` is where Google Drive's background upload is forced to
+    finish, so that the marker reaches Drive after the files it lists. Only then are checkpoints
+    beyond the newest ``keep`` deleted, oldest step first: a save cut off at any moment leaves
+    the previous complete checkpoint in place. Every process waits for the others first (each
+    writes its own shards under ZeRO-3); the main process writes and deletes.
     """
 
-    def __init__(self, flush: Callable[[], None] | None = None) -> None:
+    def __init__(self, flush: Callable[[], None] | None = None, *, keep: int = 2) -> None:
         if flush is not None and not callable(flush):
             raise TypeError(f"flush must be a function or None, got {flush!r}")
+        if not _is_int(keep) or keep < 1:
+            raise ValueError(f"keep must be an int >= 1, got {keep!r}")
         self.flush = flush
+        self.keep = keep
 
     def on_save(self, args, state, control, **kwargs):
         process = process_state()
@@ -752,6 +753,8 @@ class CompleteCheckpoints(TrainerCallback):
             _write_atomically(folder / COMPLETE_MARKER, json.dumps({"files": files}, indent=1))
             if self.flush is not None:
                 self.flush()
+            for old in checkpoints(args.output_dir)[: -self.keep]:
+                shutil.rmtree(old)
         process.wait_for_everyone()
 
 
@@ -780,7 +783,7 @@ def build_trainer(
         train_dataset=train_dataset,
         processing_class=tokenizer,
         peft_config=lora_config(settings),
-        callbacks=[CompleteCheckpoints(flush)],
+        callbacks=[CompleteCheckpoints(flush, keep=settings.save_total_limit)],
     )
     cast_trainable_to_fp32(trainer.model)
     return trainer
