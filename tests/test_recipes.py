@@ -177,6 +177,22 @@ def test_dtype_on_a_simulated_gpu(gpu, expected, monkeypatch):
     assert compute_dtype(GPUS[gpu][0]) == expected
 
 
+def test_zero3_says_the_parameters_are_bf16_with_an_fp32_master(monkeypatch):
+    """Under DeepSpeed ZeRO-3 the fp32 cast of build_trainer does not last: the hardware line
+    says what is true there."""
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    patches = _simulated_gpu("A100")
+    for patch in patches:
+        patch.start()
+    try:
+        line = describe_hardware()
+    finally:
+        for patch in patches:
+            patch.stop()
+    assert "bf16 with an fp32 master copy" in line and "trainable parameters in" not in line
+
+
 def test_dtype_without_a_gpu():
     with mock.patch("torch.cuda.is_available", return_value=False):
         assert compute_dtype() == torch.float32

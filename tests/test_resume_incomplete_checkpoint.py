@@ -179,3 +179,26 @@ def test_settings_and_plan_round_trip_through_json(tmp_path):
     assert json.loads((tmp_path / recipes.PLAN_FILE).read_text()) == plan
     assert plan["gamma"] == 0.25 and type(plan["gamma"]) is float
     assert recipes.check_run_plan(dataclasses.replace(settings, gamma=0.25)) == plan
+
+
+def test_flush_runs_before_and_after_each_marker(tmp_path, one_thread):
+    """On Colab ``flush`` uploads Drive's pending writes: once before the marker (so the files
+    it lists reach Drive first), once after it."""
+    seen = []
+
+    def flush():
+        newest = checkpoints(tmp_path)[-1]
+        seen.append((newest.name, (newest / COMPLETE_MARKER).is_file()))
+
+    settings = RunSettings(smoke=True, output_dir=str(tmp_path)).resolved()
+    model, tokenizer = load_model_and_tokenizer(settings)
+    trainer = build_trainer(settings, model, tokenizer, load_preference_data(settings), flush=flush)
+    train(trainer)
+    assert seen == [
+        ("checkpoint-2", False),
+        ("checkpoint-2", True),
+        ("checkpoint-4", False),
+        ("checkpoint-4", True),
+    ]
+    with pytest.raises(TypeError, match="flush"):
+        recipes.CompleteCheckpoints(flush="drive")
