@@ -85,3 +85,16 @@ def test_notebooks_are_committed_without_outputs(notebook):
     cells = json.loads(notebook.read_text())["cells"]
     stale = [i for i, cell in enumerate(cells) if cell["cell_type"] == "code" and cell["outputs"]]
     assert not stale, f"{notebook.name} has stored outputs in cells {stale}"
+
+
+def test_glue_prints_where_myst_nb_is_absent(monkeypatch, capsys):
+    """Colab has no myst-nb: the chapters' glue shows the value instead of failing."""
+    from focalpo_mini.notebook import glue
+
+    monkeypatch.setitem(__import__("sys").modules, "myst_nb", None)  # absent, as on Colab
+    glue("loss_kept", 0.707, display=False)
+    assert capsys.readouterr().out == "loss_kept = 0.707\n"
+    with pytest.raises(TypeError, match="name"):
+        glue("", 1)
+    with pytest.raises(TypeError, match="display"):
+        glue("x", 1, display="no")
