@@ -18,12 +18,12 @@ How it measures:
   step processes ``2 x batch x max_length`` policy tokens (chosen and rejected rows).
 - A step is timed from one optimiser step to the next with ``torch.cuda.synchronize()`` (a
   Trainer callback); the first ``--warmup`` steps are not counted; the median is reported.
-- MFU = model FLOPs per step / (step time x the GPU's dense bf16 peak). Model FLOPs count the
-  weight matmuls only: 6N per token for full fine-tuning, 4N with LoRA (no weight gradients for
-  the frozen base), plus 2N for the reference forward pass when it runs during the step (LoRA:
-  the adapter switched off; full: precomputed before training, so not counted). Recomputation
-  by gradient checkpointing is not counted (it is overhead, not model work). N excludes the
-  embedding. A GPU missing from ``PEAK_BF16_TFLOPS`` gets no MFU.
+- MFU (model FLOPs utilisation, PaLM's definition, the one the 7B chapter uses) = model FLOPs
+  per step / (step time x the GPU's dense 16-bit peak). Model FLOPs are
+  ``focalpo_mini.recipes.model_flops_per_token``: 6N per token (N without the embedding) for
+  every recipe, weight matmuls only; recomputation by gradient checkpointing is not counted (it
+  is overhead, not model work). A GPU whose exact name is missing from
+  ``focalpo_mini.recipes.PEAK_16BIT_TFLOPS`` gets no MFU.
 - Peak memory is ``torch.cuda.max_memory_allocated`` during the steps (what tensors held) and
   ``torch.cuda.max_memory_reserved`` (what the caching allocator took from the GPU, the number
   that must fit), next to the plan's estimate. The optimiser is the recipes' own: fused AdamW
@@ -51,13 +51,13 @@ from focalpo_mini.memory import (
     RECIPES,
     USABLE_FRACTION,
     memory_plan,
-    parameter_count,
 )
 from focalpo_mini.recipes import (
     RunSettings,
     cast_trainable_to_fp32,
     compute_dtype,
     lora_config,
+    model_flops_per_token,
     peak_tflops,
     training_config,
 )
@@ -205,9 +205,7 @@ def run_recipe(recipe: str, args: argparse.Namespace, shape: dict) -> dict:
     counted = timer.times[args.warmup :]
     step_s = statistics.median(counted)
     tokens = 2 * args.batch_size * args.max_length
-    n = parameter_count(model.config) - shape["vocab_size"] * shape["hidden_size"]
-    # full: 6N (reference precomputed); LoRA: 4N for the policy + 2N for the adapter-off reference.
-    flops_per_token = 6 * n if recipe == "full" else (4 + 2) * n
+    flops_per_token = model_flops_per_token(model.config)
     result = {
         "recipe": recipe,
         "steps_timed": len(counted),

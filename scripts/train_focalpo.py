@@ -13,7 +13,8 @@ CPU smoke test on two processes (gloo DDP; `accelerate launch --cpu` would run o
 
 LoRA under ZeRO-3 or FSDP, and the full recipe under FSDP, are refused before anything loads
 (see ``focalpo_mini.recipes.check_launch``). A checkpoint is written every ``--save-steps``
-steps; running the same command again resumes from the newest one in ``--output-dir``.
+steps; running the same command again resumes from the newest complete one in ``--output-dir``,
+and the same command with other settings is refused (the folder records the run's plan).
 
 Every process writes ``<output-dir>/ranks/rank<k>.json`` (its rank, the world size, the optimiser
 steps it ran and its last logged loss), so a launcher can check that all of them trained.
@@ -22,7 +23,6 @@ steps it ran and its last logged loss), so a launcher can check that all of them
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 from pathlib import Path
@@ -39,6 +39,7 @@ from focalpo_mini.recipes import (
     load_model_and_tokenizer,
     load_preference_data,
     process_state,
+    run_plan,
     sample_prompts,
     train,
 )
@@ -99,8 +100,10 @@ def main(argv: list[str] | None = None) -> None:
 
     trainer = build_trainer(settings, model, tokenizer, train_data)
     trainer.add_callback(ProgressReport())
-    train(trainer)  # resumes from the newest checkpoint in output_dir, if there is one
-    trainer.save_model(settings.output_dir)  # the adapter alone with LoRA; the model with full
+    # Resumes from the newest complete checkpoint in output_dir; a finished run returns at once.
+    result = train(trainer)
+    if not result.metrics.get("already_finished"):
+        trainer.save_model(settings.output_dir)  # the adapter alone with LoRA; the model with full
 
     after = generate_samples(trainer.model, tokenizer, prompts, settings.max_new_tokens)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -109,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         "world_size": state.num_processes,
         "global_step": trainer.state.global_step,
         "last_loss": losses[-1] if losses else None,
-        "settings": dataclasses.asdict(settings),
+        "plan": run_plan(settings),
     }
     ranks = Path(settings.output_dir) / "ranks"
     ranks.mkdir(parents=True, exist_ok=True)

@@ -51,12 +51,13 @@ def test_every_notebook_is_in_the_toc():
 
 
 def test_repository_settings_for_colab():
+    """One ref for everything a reader gets: the launch buttons open the notebooks from
+    ``repository.branch``, and the install cells install from it too (next test). No second
+    ref, such as a release tag, that would have to be published by hand to match."""
     repo = CONFIG["repository"]
     assert repo["url"].startswith("https://github.com/")
-    assert repo["branch"]
-    # A fixed ref for the installs: a tag, or a full commit hash; never the moving branch.
-    ref = str(repo["install_ref"])
-    assert ref != repo["branch"] and re.fullmatch(r"v\d+\.\d+\.\d+|[0-9a-f]{40}", ref), ref
+    assert isinstance(repo["branch"], str) and repo["branch"]
+    assert set(repo) == {"url", "branch", "path_to_book"}, "one ref only: repository.branch"
     assert repo.get("path_to_book", "") == "", "path_to_book must stay empty (Colab links break)"
     assert CONFIG["launch_buttons"]["colab_url"] == "https://colab.research.google.com"
 
@@ -73,7 +74,7 @@ def test_colab_setup_cell_installs_from_the_configured_repository(notebook):
     assert installs, f"{notebook.name} has no Colab setup cell that installs the package"
     for match in installs:
         assert match["url"] == CONFIG["repository"]["url"], f"{notebook.name}: {match['url']}"
-        assert match["branch"] == str(CONFIG["repository"]["install_ref"]), (
+        assert match["branch"] == CONFIG["repository"]["branch"], (
             f"{notebook.name}: {match['branch']}"
         )
 
@@ -84,3 +85,16 @@ def test_notebooks_are_committed_without_outputs(notebook):
     cells = json.loads(notebook.read_text())["cells"]
     stale = [i for i, cell in enumerate(cells) if cell["cell_type"] == "code" and cell["outputs"]]
     assert not stale, f"{notebook.name} has stored outputs in cells {stale}"
+
+
+def test_glue_prints_where_myst_nb_is_absent(monkeypatch, capsys):
+    """Colab has no myst-nb: the chapters' glue shows the value instead of failing."""
+    from focalpo_mini.notebook import glue
+
+    monkeypatch.setitem(__import__("sys").modules, "myst_nb", None)  # absent, as on Colab
+    glue("loss_kept", 0.707, display=False)
+    assert capsys.readouterr().out == "loss_kept = 0.707\n"
+    with pytest.raises(TypeError, match="name"):
+        glue("", 1)
+    with pytest.raises(TypeError, match="display"):
+        glue("x", 1, display="no")

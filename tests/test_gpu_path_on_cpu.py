@@ -120,24 +120,27 @@ def test_non_smoke_path_trains_and_saves(recipe, hub_stand_in, tmp_path, one_thr
 
 
 def test_alpaca_eval_config_uses_the_models_chat_format():
-    """The AlpacaEval prompt is what the Zephyr-style chat template makes of one user turn, with
-    Mistral's end-of-sequence token, and the generation settings are spelled out."""
+    """The AlpacaEval prompt is what the Zephyr-style chat template makes of an empty system turn
+    and one user turn (the form of alpaca_eval's own Zephyr prompt), with Mistral's
+    end-of-sequence token; the generation settings are spelled out, under the names vLLM's
+    engine (``dtype``) and ``SamplingParams`` (no ``do_sample``) take."""
     import jinja2
     import yaml
 
     folder = ROOT / "configs" / "alpaca_eval" / "focalpo-mistral-7b"
     (name, config), *others = yaml.safe_load((folder / "configs.yaml").read_text()).items()
-    assert not others and name == "focalpo-mistral-7b"
-    template = folder.parent / config["prompt_template"]
+    assert not others and name == folder.name
+    assert config["prompt_template"] == f"{folder.name}/prompt.txt"  # relative to models_configs
     rendered = jinja2.Template(ZEPHYR_STYLE_TEMPLATE).render(
-        messages=[{"role": "user", "content": "{instruction}"}],
+        messages=[{"role": "system", "content": ""}, {"role": "user", "content": "{instruction}"}],
         eos_token="</s>",
         add_generation_prompt=True,
     )
-    assert template.read_text() == rendered
+    assert (folder / "prompt.txt").read_text() == rendered
     kwargs = config["completions_kwargs"]
-    assert {"max_new_tokens", "temperature", "top_p", "do_sample"} <= set(kwargs)
-    assert kwargs["model_kwargs"]["torch_dtype"] == "bfloat16"
+    assert config["fn_completions"] == "vllm_local_completions"
+    assert set(kwargs) == {"model_name", "model_kwargs", "max_new_tokens", "temperature", "top_p"}
+    assert kwargs["model_kwargs"] == {"dtype": "bfloat16"}
 
 
 def test_arena_hard_settings_are_v0_1_with_the_gpt4_turbo_judge():
@@ -149,4 +152,10 @@ def test_arena_hard_settings_are_v0_1_with_the_gpt4_turbo_judge():
     assert answers["bench_name"] == "arena-hard-v0.1"
     assert set(answers["model_list"]) <= set(endpoints)
     assert "gpt-4-1106-preview" in endpoints
-    assert "gpt-4-1106-preview" in (folder / "gen_answer_config.yaml").read_text()
+    # gen_answer.py passes the endpoint entry itself to the completion function.
+    for name, entry in endpoints.items():
+        assert entry["model"] == name and "model_name" not in entry
+        assert {"api_type", "temperature", "max_tokens", "parallel"} <= set(entry)
+    text = (folder / "gen_answer_config.yaml").read_text()
+    assert "--config-file" in text and "--setting-file <book>" not in text
+    assert "--category arena-hard-v0.1" in text

@@ -21,10 +21,12 @@ from focalpo_mini.memory import (
     MISTRAL_7B_SHAPE,
     USABLE_FRACTION,
     activation_bytes,
+    checkpoint_gb,
     fit_table,
     fits,
     format_table,
     gpu_table,
+    layer_activation_bytes,
     linear_parameter_count,
     lora_parameter_count,
     memory_plan,
@@ -113,22 +115,66 @@ def test_lora_plan_counts_peft_trainable_parameters():
     assert plan.optimizer == pytest.approx(trainable * 8 / 1e9)
 
 
-def test_activation_bytes_match_a_naive_count():
-    config = _small_config()
-    h, kv, i, layers = 32, 16, 48, 2  # kv = 2 heads x head_dim 8
-    tokens = 2 * 3 * 10
-    per_layer = 0
-    for values in (h, h, h, kv, kv, h, kv, h):  # attention: norm in/out, q, k, v, rope q/k, out
-        per_layer += values
-    for values in (h, h, i, i, i, i):  # MLP: norm in/out, gate, up, act(gate), product
-        per_layer += values
-    full = layers * per_layer * tokens * 2
-    kept = layers * h * tokens * 2 + per_layer * tokens * 2
+def _saved_bytes_of_one_layer(config, *, sequences: int, length: int) -> int:
+    """Bytes autograd saves in one decoder layer's forward pass of a bf16 Mistral (all weights
+    trainable, SDPA attention), counted with saved_tensors_hooks: each storage once, weights
+    left out."""
+    torch.manual_seed(0)
+    model = MistralForCausalLM(config).to(torch.bfloat16)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    layer = model.model.layers[1]
+    forward = layer.forward
+
+    def counted_forward(*args, **kwargs):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            return forward(*args, **kwargs)
+
+    layer.forward = counted_forward
+    model(input_ids=torch.randint(0, config.vocab_size, (sequences, length)))
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2),
+        dict(hidden_size=96, intermediate_size=256, num_attention_heads=4, num_key_value_heads=4),
+        dict(hidden_size=128, intermediate_size=352, num_attention_heads=8, num_key_value_heads=2),
+    ],
+    ids=["gqa", "mha", "gqa-wide-mlp"],
+)
+def test_layer_activations_equal_what_autograd_saves(shape, one_thread):
+    """The plan's per-layer count is what torch saves, RMSNorm's fp32 copies included."""
+    config = MistralConfig(
+        vocab_size=128, num_hidden_layers=2, max_position_embeddings=256, **shape
+    )
+    config._attn_implementation = "sdpa"
+    batch_size, length = 2, 24  # pairs: 4 sequences
+    measured = _saved_bytes_of_one_layer(config, sequences=2 * batch_size, length=length)
+    planned = layer_activation_bytes(config, max_length=length, batch_size=batch_size)
+    assert planned == measured
+    # The whole plan is built from that count: every layer without checkpointing, inputs plus
+    # one recomputed layer with it, and one more layer's worth for the backward's transients.
+    inputs = config.num_hidden_layers * config.hidden_size * 2 * batch_size * length * 2
     assert (
-        activation_bytes(config, max_length=10, batch_size=3, gradient_checkpointing=False) == full
+        activation_bytes(
+            config, max_length=length, batch_size=batch_size, gradient_checkpointing=False
+        )
+        == (config.num_hidden_layers + 1) * measured
     )
     assert (
-        activation_bytes(config, max_length=10, batch_size=3, gradient_checkpointing=True) == kept
+        activation_bytes(
+            config, max_length=length, batch_size=batch_size, gradient_checkpointing=True
+        )
+        == inputs + 2 * measured
     )
 
 
@@ -148,8 +194,11 @@ def test_recipes_order_by_memory_and_sharding_divides_model_states():
     sharded = memory_plan(config, "full", max_length=1024, batch_size=4, num_gpus=8)
     states = plans["full"].total - plans["full"].activations
     assert sharded.total - sharded.activations == pytest.approx(states / 8)
-    # Full fine-tuning: 16 bytes per parameter; a live fp32 reference adds 4 more.
+    # Full fine-tuning: 16 bytes per parameter; a live fp32 reference adds 4 more. Under ZeRO-3
+    # the weights and gradients are bf16, and the fp32 master copy sits in the optimiser.
     assert states == pytest.approx(parameter_count(config) * 16 / 1e9)
+    assert sharded.weights == sharded.gradients == pytest.approx(plans["full"].weights / 16)
+    assert sharded.optimizer == pytest.approx(parameter_count(config) * 12 / 8 / 1e9)
     live_ref = memory_plan(
         config, "full", max_length=1024, batch_size=4, precompute_ref_log_probs=False
     )
@@ -158,8 +207,15 @@ def test_recipes_order_by_memory_and_sharding_divides_model_states():
 
 def test_fit_table_says_only_whether_memory_fits():
     config = MistralConfig(**MISTRAL_7B_SHAPE)
-    rows = fit_table(config, max_length=1024, batch_size=4)
-    assert [row["recipe"] for row in rows] == ["qlora", "lora", "full", "full (8 GPUs)"]
+    rows = fit_table(config, max_length=1024, batch_size=4, full_batch_size=2)
+    assert [row["recipe"] for row in rows] == [
+        "qlora",
+        "lora",
+        "full",
+        "full (8 GPUs, 2 pairs each)",
+    ]
+    sharded = memory_plan(config, "full", max_length=1024, batch_size=2, num_gpus=8)
+    assert rows[3]["total (GB/GPU)"] == sharded.total
     for row in rows:
         for gpu, (memory, _) in GPUS.items():
             fit = row["total (GB/GPU)"] <= USABLE_FRACTION * memory
@@ -196,6 +252,49 @@ def test_invalid_arguments_are_rejected():
         parameter_count(object())
     with pytest.raises(ValueError, match="gpu"):
         fits(memory_plan(config, "lora", max_length=8, batch_size=1), "V100")
+    with pytest.raises(TypeError, match="plan must be a MemoryPlan"):
+        fits("plan", "T4 16GB")
+    # Each error names the argument the caller passed, not an inner function's.
+    with pytest.raises(ValueError, match="lora_r"):
+        fit_table(config, max_length=8, batch_size=1, lora_r=0)
+    with pytest.raises(ValueError, match="full_num_gpus"):
+        fit_table(config, max_length=8, batch_size=1, full_num_gpus=0)
+    with pytest.raises(TypeError, match="r must"):
+        lora_parameter_count(config, r=True)
+    with pytest.raises(TypeError, match="target_modules"):
+        lora_parameter_count(config, r=4, target_modules="q_proj")
+    for flag in ("no", "False"):
+        with pytest.raises(TypeError, match="precompute_ref_log_probs"):
+            memory_plan(config, "full", max_length=8, batch_size=1, precompute_ref_log_probs=flag)
+        with pytest.raises(TypeError, match="gradient_checkpointing"):
+            activation_bytes(config, max_length=8, batch_size=1, gradient_checkpointing=flag)
+
+
+def test_a_module_named_twice_is_adapted_once():
+    config = _small_config()
+    once = lora_parameter_count(config, r=4, target_modules=("q_proj",))
+    assert lora_parameter_count(config, r=4, target_modules=("q_proj", "q_proj")) == once
+    model = get_peft_model(
+        LlamaForCausalLM(config),
+        LoraConfig(r=4, target_modules=["q_proj", "q_proj"], task_type="CAUSAL_LM"),
+    )
+    assert model.get_nb_trainable_parameters()[0] == once
+
+
+def test_checkpoint_sizes_per_recipe():
+    config = MistralConfig(**MISTRAL_7B_SHAPE)
+    n = parameter_count(config)
+    adapter = lora_parameter_count(config, r=16)
+    assert checkpoint_gb(config, "qlora") == checkpoint_gb(config, "lora")
+    assert checkpoint_gb(config, "lora") == pytest.approx(adapter * 12 / 1e9)
+    assert checkpoint_gb(config, "full") == pytest.approx(n * 12 / 1e9)
+    # ZeRO-3: the 16-bit model and fp32 master weights and moments, about 101 GB for 7B.
+    zero3 = checkpoint_gb(config, "full", num_gpus=8)
+    assert zero3 == pytest.approx(n * 14 / 1e9)
+    assert 100 < zero3 < 102
+    assert checkpoint_gb(config, "full", num_gpus=8, save_only_model=True) == pytest.approx(
+        n * 2 / 1e9
+    )
 
 
 def test_gpu_table_keeps_dtype_apart_from_memory():

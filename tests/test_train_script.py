@@ -37,7 +37,8 @@ def test_two_processes_train_the_full_recipe(tmp_path):
     records = [json.loads(p.read_text()) for p in sorted((tmp_path / "ranks").glob("rank*.json"))]
     assert [r["rank"] for r in records] == [0, 1]
     assert all(r["world_size"] == 2 for r in records)
-    steps = records[0]["settings"]["max_steps"]
+    steps = records[0]["plan"]["max_steps"]
+    assert all(r["plan"]["num_processes"] == 2 for r in records)
     assert steps > 0
     assert all(r["global_step"] == steps for r in records)
     # The logged loss is averaged over processes, so both ranks report the same value.

@@ -74,11 +74,11 @@ def native_bf16(capability: tuple[int, int]) -> bool:
 
 
 def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be a positive int, got {value!r}")
     if value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value}")
-    return value
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -218,44 +218,108 @@ def parameter_count(config) -> int:
 def lora_parameter_count(config, *, r: int, target_modules=ALL_PROJECTIONS) -> int:
     """Trainable parameters of LoRA with rank ``r`` on ``target_modules`` of every decoder layer.
 
-    A LoRA pair on a linear layer (in -> out) adds A (r x in) and B (out x r): r (in + out).
+    A LoRA pair on a linear layer (in -> out) adds A (r x in) and B (out x r): r (in + out). A
+    module named twice is counted once, as PEFT adapts it once.
     """
     _check_config(config)
-    if not isinstance(r, int) or r <= 0:
-        raise ValueError(f"r must be a positive integer, got {r!r}")
+    _positive_int("r", r)
+    if isinstance(target_modules, str) or not all(isinstance(m, str) for m in target_modules):
+        raise TypeError(f"target_modules must be a list of module names, got {target_modules!r}")
     shapes = _projection_shapes(config)
     unknown = sorted(set(target_modules) - set(shapes))
     if unknown:
         raise ValueError(f"target_modules must be among {list(shapes)}, got unknown {unknown}")
-    per_layer = sum(r * sum(shapes[name]) for name in target_modules)
+    per_layer = sum(r * sum(shapes[name]) for name in set(target_modules))
     return _shape(config)["layers"] * per_layer
 
 
-def activation_bytes(
-    config, *, max_length: int, batch_size: int, gradient_checkpointing: bool
-) -> float:
-    """Bytes of bf16 activations kept for the backward pass of one micro-batch.
+def layer_activation_bytes(config, *, max_length: int, batch_size: int) -> int:
+    """Bytes autograd saves for the backward pass of one decoder layer, for one micro-batch of
+    ``batch_size`` pairs (``2 * batch_size`` sequences of ``max_length`` tokens) in bf16.
 
-    DPO-style training runs chosen and rejected sequences together, so a micro-batch of
-    ``batch_size`` pairs is ``2 * batch_size`` sequences of up to ``max_length`` tokens.
+    Counted tensor by tensor, as ``tests/test_memory.py`` measures them on a small Mistral with
+    ``torch.autograd.graph.saved_tensors_hooks`` (SDPA attention, no T x T matrix), per token:
 
-    Per token and decoder layer, the tensors autograd saves: attention block 5H + 3 KV (norm
-    input and output, q, k, v, rotated q and k, attention output; FlashAttention/SDPA keep no
-    T x T matrix); MLP 2H + 4I (norm input and output, gate, up, activated gate, their product).
-    With gradient checkpointing only each layer's input (H) is kept, plus one layer's full set
-    while it is recomputed. The fused LM head of TRL scores tokens in tiles, so the
-    (tokens x vocab) logits never exist at once and are not counted.
+    - six H-wide bf16 tensors: each RMSNorm's normalised input and output (2 x 2), the rotated
+      query and the attention output;
+    - two KV-wide bf16 tensors: the rotated key and the value;
+    - four I-wide bf16 tensors in the MLP: gate, activated gate, up, and their product;
+    - each RMSNorm's input in fp32 (2 x H x 4 bytes; RMSNorm computes in fp32) and its
+      reciprocal root mean square (2 x 4 bytes);
+    - the attention's log-sum-exp, one fp32 value per head;
+
+    and, once per sequence position, the rotary cosine and sine (2 x head_dim in bf16), which
+    all sequences of the batch share.
     """
     _positive_int("max_length", max_length)
     _positive_int("batch_size", batch_size)
     _check_config(config)
     s = _shape(config)
     h, kv, i = s["hidden"], s["kv_dim"], s["intermediate"]
+    heads = config.num_attention_heads
+    head_dim = s["q_dim"] // heads
+    per_token = _BF16 * (6 * h + 2 * kv + 4 * i) + _FP32 * (2 * h + 2 + heads)
     tokens = 2 * batch_size * max_length
-    per_layer = (7 * h + 3 * kv + 4 * i) * tokens * _BF16
+    return per_token * tokens + 2 * head_dim * _BF16 * max_length
+
+
+def activation_bytes(
+    config, *, max_length: int, batch_size: int, gradient_checkpointing: bool
+) -> float:
+    """Bytes of activations kept for the backward pass of one micro-batch, at their peak.
+
+    DPO-style training runs chosen and rejected sequences together, so a micro-batch of
+    ``batch_size`` pairs is ``2 * batch_size`` sequences of up to ``max_length`` tokens.
+    Without gradient checkpointing every layer keeps :func:`layer_activation_bytes`. With it,
+    only each layer's bf16 input (H per token) is kept, plus one layer's full set while that
+    layer is recomputed. Either way one more layer's worth is added for the backward pass's
+    transients (the gradients of that layer's activations, about as large): an allowance, not a
+    measurement. The fused LM head of TRL scores tokens in tiles, so the (tokens x vocab) logits
+    never exist at once and are not counted.
+    """
+    if not isinstance(gradient_checkpointing, bool):
+        raise TypeError(f"gradient_checkpointing must be a bool, got {gradient_checkpointing!r}")
+    per_layer = layer_activation_bytes(config, max_length=max_length, batch_size=batch_size)
+    s = _shape(config)
     if gradient_checkpointing:
-        return s["layers"] * h * tokens * _BF16 + per_layer
-    return s["layers"] * per_layer
+        inputs = s["layers"] * s["hidden"] * 2 * batch_size * max_length * _BF16
+        return inputs + 2 * per_layer
+    return (s["layers"] + 1) * per_layer
+
+
+def checkpoint_gb(
+    config,
+    recipe: str,
+    *,
+    lora_r: int = 16,
+    num_gpus: int = 1,
+    save_only_model: bool = False,
+) -> float:
+    """Disk one training checkpoint takes, in GB, for ``recipe``.
+
+    - LoRA recipes: the fp32 adapter (4 bytes a trainable parameter) and AdamW's two fp32
+      moments (8): 12 bytes per adapter parameter; the base model is not saved.
+    - ``"full"`` on one GPU: the fp32 model (4 bytes a parameter) and AdamW's moments (8).
+    - ``"full"`` over ``num_gpus`` > 1 with DeepSpeed ZeRO-3: the consolidated 16-bit model
+      (2 bytes; ``zero3_save_16bit_model``) and the optimiser's fp32 master weights and moments
+      (12), about 14 bytes a parameter in all, whatever the number of GPUs.
+
+    ``save_only_model`` keeps only the model (the 16-bit one under ZeRO-3), which cannot be
+    resumed from. While a new checkpoint is written before the oldest is rotated away, a run
+    with ``save_total_limit`` k holds k + 1 of them.
+    """
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
+    _positive_int("num_gpus", num_gpus)
+    if not isinstance(save_only_model, bool):
+        raise TypeError(f"save_only_model must be a bool, got {save_only_model!r}")
+    if recipe != "full":
+        adapter = lora_parameter_count(config, r=_positive_int("lora_r", lora_r))
+        return adapter * (_FP32 if save_only_model else _FP32 + _ADAM_BYTES) / _GB
+    total = parameter_count(config)
+    model = _BF16 if num_gpus > 1 else _FP32
+    optimizer = 0 if save_only_model else (_FP32 + _ADAM_BYTES if num_gpus > 1 else _ADAM_BYTES)
+    return total * (model + optimizer) / _GB
 
 
 def memory_plan(
@@ -281,14 +345,17 @@ def memory_plan(
       the adapter switched off: no second model.
     - ``"lora"``: a 16-bit base; the adapter in fp32, fp32 gradients, fused AdamW (no extra copy
       of the parameters at its step, unlike the default foreach implementation).
-    - ``"full"``: fp32 weights and gradients with bf16 autocast, two fp32 AdamW moments: 16
-      bytes per parameter, the same total as ZeRO's mixed-precision count (Rajbhandari et al.
-      2020), sharded over ``num_gpus`` (ZeRO-3). Fused AdamW: the default foreach AdamW would add
-      about one more copy of the parameters at its step. A live reference model
-      (same dtype as the policy) costs another 4 bytes per parameter, also sharded, unless its
-      log-probs are precomputed before training, which is this book's default for the full
-      recipe (``precompute_ref_log_probs=None`` means: True for ``"full"``; the LoRA recipes
-      never need a separate reference).
+    - ``"full"`` on one GPU: fp32 weights and gradients with bf16 autocast, two fp32 AdamW
+      moments: 16 bytes per parameter. Fused AdamW: the default foreach AdamW would add about
+      one more copy of the parameters at its step.
+    - ``"full"`` over ``num_gpus`` > 1 (DeepSpeed ZeRO-3 in bf16): bf16 weights and gradients
+      (2 + 2 bytes) and, in the optimiser, an fp32 master copy and two fp32 moments (12 bytes):
+      the same 16 bytes per parameter, ZeRO's mixed-precision count (Rajbhandari et al. 2020),
+      sharded over ``num_gpus``.
+    - A live reference model costs another 4 bytes per parameter on one GPU (2 under ZeRO-3),
+      also sharded, unless its log-probs are precomputed before training, which is this book's
+      default for the full recipe (``precompute_ref_log_probs=None`` means: True for
+      ``"full"``; the LoRA recipes never need a separate reference).
 
     Activations come from :func:`activation_bytes` and are not sharded. Not counted: the CUDA
     context, allocator fragmentation, temporary buffers (a dequantised weight, communication
@@ -306,10 +373,15 @@ def memory_plan(
     """
     if recipe not in RECIPES:
         raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
-    if isinstance(num_gpus, bool) or not isinstance(num_gpus, int) or num_gpus < 1:
-        raise ValueError(f"num_gpus must be a positive integer, got {num_gpus!r}")
+    num_gpus = _positive_int("num_gpus", num_gpus)
+    lora_r = _positive_int("lora_r", lora_r)
     if not isinstance(gradient_checkpointing, bool):
         raise TypeError(f"gradient_checkpointing must be a bool, got {gradient_checkpointing!r}")
+    if precompute_ref_log_probs is not None and not isinstance(precompute_ref_log_probs, bool):
+        raise TypeError(
+            "precompute_ref_log_probs must be True, False or None, "
+            f"got {precompute_ref_log_probs!r}"
+        )
     if recipe != "full" and num_gpus != 1:
         raise ValueError(f"num_gpus must be 1 for recipe {recipe!r} (one GPU), got {num_gpus}")
     total_params = parameter_count(config)
@@ -322,13 +394,17 @@ def memory_plan(
     if recipe == "full":
         precompute = True if precompute_ref_log_probs is None else precompute_ref_log_probs
         shard = total_params / num_gpus
+        # One GPU: fp32 weights and gradients. ZeRO-3: bf16 ones, the fp32 master copy in the
+        # optimiser.
+        weight_bytes = _FP32 if num_gpus == 1 else _BF16
+        optimizer_bytes = _ADAM_BYTES if num_gpus == 1 else _FP32 + _ADAM_BYTES
         return MemoryPlan(
             recipe=recipe,
             num_gpus=num_gpus,
-            weights=shard * _FP32 / _GB,
-            reference=0.0 if precompute else shard * _FP32 / _GB,
-            gradients=shard * _FP32 / _GB,
-            optimizer=shard * _ADAM_BYTES / _GB,
+            weights=shard * weight_bytes / _GB,
+            reference=0.0 if precompute else shard * weight_bytes / _GB,
+            gradients=shard * weight_bytes / _GB,
+            optimizer=shard * optimizer_bytes / _GB,
             activations=activations / _GB,
             trainable_params=total_params,
         )
@@ -353,6 +429,8 @@ def memory_plan(
 
 def fits(plan: MemoryPlan, gpu: str) -> bool:
     """Whether ``plan`` fits in :data:`USABLE_FRACTION` of ``gpu`` (a key of :data:`GPUS`)."""
+    if not isinstance(plan, MemoryPlan):
+        raise TypeError(f"plan must be a MemoryPlan (from memory_plan), got {plan!r}")
     if gpu not in GPUS:
         raise ValueError(f"gpu must be one of {list(GPUS)}, got {gpu!r}")
     return plan.total <= USABLE_FRACTION * GPUS[gpu][0]
@@ -366,26 +444,38 @@ def fit_table(
     gradient_checkpointing: bool = True,
     lora_r: int = 16,
     full_num_gpus: int = 8,
+    full_batch_size: int | None = None,
 ) -> list[dict]:
     """One row per recipe: its :class:`MemoryPlan` parts in GB and, per GPU, whether it fits.
 
     The full recipe gets two rows: on one GPU, and sharded over ``full_num_gpus`` GPUs of the same
-    kind (the memory is per GPU). A cell says only whether the memory fits (``"yes"`` or
-    ``"no"``); which dtype a GPU trains in is :func:`gpu_table`'s, a separate question.
+    kind (the memory is per GPU) with ``full_batch_size`` pairs per GPU (None: ``batch_size``).
+    A cell says only whether the memory fits (``"yes"`` or ``"no"``); which dtype a GPU trains
+    in is :func:`gpu_table`'s, a separate question.
     """
+    full_num_gpus = _positive_int("full_num_gpus", full_num_gpus)
+    sharded_batch = batch_size if full_batch_size is None else full_batch_size
+    _positive_int("full_batch_size", sharded_batch)
     rows = []
-    for recipe, num_gpus in (("qlora", 1), ("lora", 1), ("full", 1), ("full", full_num_gpus)):
+    for recipe, num_gpus, pairs in (
+        ("qlora", 1, batch_size),
+        ("lora", 1, batch_size),
+        ("full", 1, batch_size),
+        ("full", full_num_gpus, sharded_batch),
+    ):
         plan = memory_plan(
             config,
             recipe,
             max_length=max_length,
-            batch_size=batch_size,
+            batch_size=pairs,
             gradient_checkpointing=gradient_checkpointing,
             lora_r=lora_r,
             num_gpus=num_gpus,
         )
         row = {
-            "recipe": recipe if plan.num_gpus == 1 else f"{recipe} ({plan.num_gpus} GPUs)",
+            "recipe": recipe
+            if plan.num_gpus == 1
+            else f"{recipe} ({plan.num_gpus} GPUs, {pairs} pairs each)",
             "trainable (M)": plan.trainable_params / 1e6,
             "weights": plan.weights,
             "reference": plan.reference,

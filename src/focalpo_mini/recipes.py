@@ -10,11 +10,15 @@ is the same. This module imports ``trl`` and ``peft`` (``pip install "focalpo_mi
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import numbers
 import os
+import shutil
+import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,8 +26,9 @@ import torch
 from accelerate import PartialState
 from datasets import Dataset, load_dataset, load_from_disk
 from peft import LoraConfig
-from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import TrainerCallback, TrainerState
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import TrainOutput
 
 from focalpo_mini.data import make_preference_dataset
 from focalpo_mini.memory import ALL_PROJECTIONS, RECIPES, native_bf16, parameter_count
@@ -50,17 +55,33 @@ SMOKE_OVERRIDES = {
 # Pairs in the train split of ``trl-lib/ultrafeedback_binarized`` (its dataset card on the Hub).
 ULTRAFEEDBACK_TRAIN_PAIRS = 62_135
 
-# Dense 16-bit tensor-core peak, TFLOP/s, from the vendors' data sheets: bf16 where the GPU has
-# it, fp16 on the T4. Matched in this order by substring against ``torch.cuda.get_device_name()``
-# (so "L40S" comes before "L4").
+# Dense (no sparsity) 16-bit tensor-core peak in TFLOP/s, from the vendors' data sheets: bf16
+# where the GPU has it, fp16 on the T4. Keyed by the exact name ``torch.cuda.get_device_name()``
+# reports, because models that share a prefix differ: an H100 PCIe is not an H100 SXM, an L40
+# is not an L4. A GPU not listed is unknown (:func:`peak_tflops` returns None), never guessed.
 PEAK_16BIT_TFLOPS = {
-    "H200": 989.0,
-    "H100": 989.0,
-    "A100": 312.0,
-    "L40S": 362.0,
-    "L4": 121.0,
-    "A10G": 70.0,
-    "T4": 65.0,
+    "Tesla T4": 65.0,
+    "NVIDIA A10G": 70.0,
+    "NVIDIA L4": 121.0,
+    "NVIDIA L40S": 362.0,
+    "NVIDIA A100-SXM4-40GB": 312.0,
+    "NVIDIA A100-SXM4-80GB": 312.0,
+    "NVIDIA A100-PCIE-40GB": 312.0,
+    "NVIDIA A100 80GB PCIe": 312.0,
+    "NVIDIA H100 PCIe": 756.0,
+    "NVIDIA H100 NVL": 835.0,
+    "NVIDIA H100 80GB HBM3": 989.0,  # the SXM module
+    "NVIDIA H200": 989.0,
+}
+
+# What torch reports for each GPU of ``focalpo_mini.memory.GPUS`` (the A100s and the H100 as
+# the SXM modules cloud providers and Colab rent).
+DEVICE_NAMES = {
+    "T4 16GB": "Tesla T4",
+    "L4 24GB": "NVIDIA L4",
+    "A100 40GB": "NVIDIA A100-SXM4-40GB",
+    "A100 80GB": "NVIDIA A100-SXM4-80GB",
+    "H100 80GB": "NVIDIA H100 80GB HBM3",
 }
 
 _INT_FIELDS = (
@@ -85,7 +106,8 @@ def _is_int(value) -> bool:
 
 @dataclass(frozen=True)
 class RunSettings:
-    """Everything that defines a run. ``learning_rate=None`` takes the recipe's default.
+    """Everything that defines a run, as you set it. ``learning_rate=None`` takes the recipe's
+    default.
 
     Defaults follow the TRL documentation and alignment-handbook recipes for 7B DPO (beta 0.01,
     learning rate 5e-6 with LoRA, 5e-7 for full fine-tuning, max_length 1024, 4 pairs x 4
@@ -94,10 +116,13 @@ class RunSettings:
     its values in any source this library could check.
 
     A checkpoint is written every ``save_steps`` optimiser steps to ``output_dir``, keeping the
-    last ``save_total_limit``; :func:`train` resumes from the newest one.
+    last ``save_total_limit`` complete ones (older ones are deleted only once the new one is
+    complete); :func:`train` resumes from the newest complete one. The folder also records the run's
+    plan (:func:`record_run_plan`): a later call with other settings is refused.
 
     Every field is checked when the settings are made: a wrong type raises ``TypeError`` and a
-    value out of range ``ValueError``, each naming the field.
+    value out of range ``ValueError``, each naming the field. :meth:`resolved` gives the values a
+    run uses; edit these settings, never a resolved copy, and resolve again.
     """
 
     model_id: str = "HuggingFaceH4/mistral-7b-sft-beta"
@@ -121,7 +146,6 @@ class RunSettings:
     save_steps: int = 50
     save_total_limit: int = 2
     seed: int = 42
-    is_resolved: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("model_id", "dataset_id", "recipe", "output_dir"):
@@ -129,9 +153,8 @@ class RunSettings:
                 raise TypeError(f"{name} must be a str, got {getattr(self, name)!r}")
         if self.recipe not in RECIPES:
             raise ValueError(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
-        for name in ("smoke", "is_resolved"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not isinstance(self.smoke, bool):
+            raise TypeError(f"smoke must be True or False, got {self.smoke!r}")
         for name in ("gamma", "beta", "num_train_epochs", "warmup_ratio"):
             value = getattr(self, name)
             if not _is_real(value):
@@ -151,8 +174,8 @@ class RunSettings:
                 raise TypeError(
                     f"learning_rate must be a real number or None, got {self.learning_rate!r}"
                 )
-            if not math.isfinite(self.learning_rate) or self.learning_rate <= 0:
-                raise ValueError(f"learning_rate must be finite and > 0, got {self.learning_rate}")
+            if not math.isfinite(self.learning_rate) or not 0 < self.learning_rate < 1:
+                raise ValueError(f"learning_rate must be in (0, 1), got {self.learning_rate}")
         for name in (*_INT_FIELDS, "max_steps", "seed"):
             if not _is_int(getattr(self, name)):
                 raise TypeError(f"{name} must be an int, got {getattr(self, name)!r}")
@@ -171,38 +194,78 @@ class RunSettings:
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
 
-    def resolved(self) -> RunSettings:
-        """These settings with smoke mode's overrides and the recipe's learning rate filled in.
+    def resolved(self) -> ResolvedSettings:
+        """The values a run uses: smoke mode's overrides and the recipe's learning rate filled in.
 
         In smoke mode every field of :data:`SMOKE_OVERRIDES` is replaced; a ``UserWarning``
-        names each one you had set to something else than its default. Resolving twice changes
-        nothing, so a resolved copy can be edited (``dataclasses.replace``) and passed on.
+        names each one you had set to something else than its default.
         """
-        if self.is_resolved:
-            return self
-        settings = self
-        if self.smoke:
-            defaults = RunSettings()
-            replaced = {
-                name: (getattr(self, name), value)
-                for name, value in SMOKE_OVERRIDES.items()
-                if getattr(self, name) != getattr(defaults, name) and getattr(self, name) != value
-            }
-            if replaced:
-                listing = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in replaced.items())
-                warnings.warn(
-                    f"smoke mode replaces settings you chose: {listing}", UserWarning, stacklevel=2
-                )
-            settings = dataclasses.replace(self, **SMOKE_OVERRIDES)
-        if settings.learning_rate is None:
-            rate = 5e-7 if settings.recipe == "full" else 5e-6
-            settings = dataclasses.replace(settings, learning_rate=rate)
-        return dataclasses.replace(settings, is_resolved=True)
+        return ResolvedSettings(self)
 
     @property
     def pairs_per_step(self) -> int:
         """Preference pairs per optimiser step on one process."""
         return self.per_device_train_batch_size * self.gradient_accumulation_steps
+
+
+@dataclass(frozen=True)
+class ResolvedSettings:
+    """The values a run uses, computed from ``user`` (your :class:`RunSettings`) and nothing else.
+
+    Read any setting as an attribute (``resolved.learning_rate``). To change one, use
+    :meth:`replace`, which edits your settings and resolves them again: so changing ``recipe``
+    also changes the default learning rate, and turning ``smoke`` on applies its overrides.
+    """
+
+    user: RunSettings
+    values: RunSettings = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.user, RunSettings):
+            raise TypeError(f"user must be a RunSettings, got {type(self.user).__name__}")
+        values = self.user
+        if values.smoke:
+            defaults = RunSettings()
+            replaced = {
+                name: (getattr(values, name), value)
+                for name, value in SMOKE_OVERRIDES.items()
+                if getattr(values, name) != getattr(defaults, name)
+                and getattr(values, name) != value
+            }
+            if replaced:
+                listing = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in replaced.items())
+                warnings.warn(
+                    f"smoke mode replaces settings you chose: {listing}", UserWarning, stacklevel=3
+                )
+            values = dataclasses.replace(values, **SMOKE_OVERRIDES)
+        if values.learning_rate is None:
+            rate = 5e-7 if values.recipe == "full" else 5e-6
+            values = dataclasses.replace(values, learning_rate=rate)
+        object.__setattr__(self, "values", values)
+
+    def __getattr__(self, name: str):
+        # Called only for names that are not ResolvedSettings' own: the settings' values.
+        if name in ("user", "values") or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.values, name)
+
+    def __repr__(self) -> str:
+        return f"ResolvedSettings({self.values!r})"
+
+    def replace(self, **changes) -> ResolvedSettings:
+        """Your settings with ``changes``, resolved again."""
+        return dataclasses.replace(self.user, **changes).resolved()
+
+
+def _resolve(settings) -> ResolvedSettings:
+    """``settings`` resolved; a TypeError naming ``settings`` for anything else."""
+    if isinstance(settings, ResolvedSettings):
+        return settings
+    if isinstance(settings, RunSettings):
+        return settings.resolved()
+    raise TypeError(
+        f"settings must be a RunSettings or ResolvedSettings, got {type(settings).__name__}"
+    )
 
 
 def compute_dtype(capability: tuple[int, int] | None = None) -> torch.dtype:
@@ -222,7 +285,7 @@ def compute_dtype(capability: tuple[int, int] | None = None) -> torch.dtype:
 
 
 def describe_hardware() -> str:
-    """One line: the GPU, its memory and compute capability, and the dtype training will use."""
+    """One line: the GPU, its memory and compute capability, and the dtypes training will use."""
     dtype = compute_dtype()
     if not torch.cuda.is_available():
         return f"No CUDA GPU: training computes in {dtype} (smoke mode)."
@@ -230,26 +293,52 @@ def describe_hardware() -> str:
     major, minor = torch.cuda.get_device_capability(0)
     native = "native bf16" if native_bf16((major, minor)) else "no native bf16"
     scaler = ", with a loss scaler" if dtype == torch.float16 else ""
+    if launcher() == ("deepspeed", 3):
+        # DeepSpeed's bf16 mode keeps the parameters in bf16 and an fp32 master copy in the
+        # optimiser: cast_trainable_to_fp32's cast does not survive its initialisation.
+        storage = "parameters in bf16 with an fp32 master copy in the optimiser (DeepSpeed)"
+    else:
+        storage = "trainable parameters in torch.float32"
     return (
         f"GPU: {props.name}, {props.total_memory / 1e9:.1f} GB, compute capability "
-        f"{major}.{minor} ({native}): mixed precision in {dtype}{scaler}; trainable parameters "
-        f"in torch.float32."
+        f"{major}.{minor} ({native}): mixed precision in {dtype}{scaler}; {storage}."
     )
+
+
+_TRUE = ("1", "true", "yes", "y", "on", "t")
+_FALSE = ("0", "false", "no", "n", "off", "f", "")
+
+
+def _env_flag(name: str) -> bool:
+    """A true/false environment variable, read the way accelerate reads it (``"1"``, ``"true"``,
+    ``"yes"``, ...); anything else is a ValueError naming the variable."""
+    value = os.environ.get(name, "false").strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"environment variable {name} must be true or false (or 1/0), got {value!r}")
 
 
 def launcher() -> tuple[str | None, int | None]:
     """(``"deepspeed"``, ZeRO stage), (``"fsdp"``, None) or (None, None): what ``accelerate launch``
     set up for this process, read from the environment it passes (``ACCELERATE_USE_DEEPSPEED``,
-    ``ACCELERATE_DEEPSPEED_ZERO_STAGE``, ``ACCELERATE_USE_FSDP``)."""
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    ``ACCELERATE_DEEPSPEED_ZERO_STAGE``, ``ACCELERATE_USE_FSDP``). A flag that is not a
+    true/false value, or a ZeRO stage that is not 0-3, raises ValueError naming the variable."""
+    if _env_flag("ACCELERATE_USE_DEEPSPEED"):
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "").strip()
+        if stage and stage not in ("0", "1", "2", "3"):
+            raise ValueError(
+                f"environment variable ACCELERATE_DEEPSPEED_ZERO_STAGE must be 0, 1, 2 or 3, "
+                f"got {stage!r}"
+            )
         return "deepspeed", int(stage) if stage else None
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+    if _env_flag("ACCELERATE_USE_FSDP"):
         return "fsdp", None
     return None, None
 
 
-def check_launch(settings: RunSettings) -> None:
+def check_launch(settings: RunSettings | ResolvedSettings) -> None:
     """Refuse the combinations of recipe and launcher this book does not support, before loading.
 
     - LoRA recipes under ZeRO-3 or FSDP: they shard a model whose few trainable parameters do
@@ -259,6 +348,7 @@ def check_launch(settings: RunSettings) -> None:
       loads a second full model from the hub for that pass. Use ZeRO-3
       (``configs/accelerate/deepspeed_zero3_8gpu.yaml``), where the policy computes them.
     """
+    settings = _resolve(settings)
     backend, stage = launcher()
     if settings.recipe != "full" and (backend == "fsdp" or (backend, stage) == ("deepspeed", 3)):
         name = "FSDP" if backend == "fsdp" else "DeepSpeed ZeRO-3"
@@ -274,7 +364,101 @@ def check_launch(settings: RunSettings) -> None:
         )
 
 
-def load_model_and_tokenizer(settings: RunSettings):
+# The settings that decide what a run computes. output_dir, save_total_limit and max_new_tokens
+# do not, so a run can move folders, keep more checkpoints or sample longer answers.
+_NOT_IN_PLAN = ("output_dir", "save_total_limit", "max_new_tokens")
+PLAN_FILE = "run_plan.json"
+
+
+def run_plan(settings: RunSettings | ResolvedSettings) -> dict:
+    """What fixes a run when it starts: the resolved settings that decide what it computes (the
+    data and how many pairs, the steps and schedule, gamma, beta, the seed, the save interval,
+    ...) and the number of processes, which sets the pairs per optimiser step. Plain JSON types.
+    """
+    settings = _resolve(settings)
+    plan = {
+        name: getattr(settings, name)
+        for name in (f.name for f in dataclasses.fields(RunSettings))
+        if name not in _NOT_IN_PLAN
+    }
+    # Plain Python numbers: the settings accept numpy's too, and JSON keeps these exactly.
+    plan = {k: float(v) if _is_real(v) and not _is_int(v) else v for k, v in plan.items()}
+    plan = {k: int(v) if _is_int(v) else v for k, v in plan.items()}
+    plan["num_processes"] = process_state().num_processes
+    return plan
+
+
+def _plan_differences(recorded: dict, plan: dict) -> list[str]:
+    return [
+        f"{name} {recorded.get(name)!r} (this call: {plan.get(name)!r})"
+        for name in sorted(set(recorded) | set(plan))
+        if recorded.get(name) != plan.get(name)
+    ]
+
+
+def check_run_plan(settings: RunSettings | ResolvedSettings) -> dict | None:
+    """The plan recorded in ``output_dir`` (None if none yet); ValueError if these settings
+    would compute something else, naming every difference and how to start afresh."""
+    settings = _resolve(settings)
+    path = Path(settings.output_dir) / PLAN_FILE
+    if not path.is_file():
+        return None
+    recorded = json.loads(path.read_text())
+    differences = _plan_differences(recorded, run_plan(settings))
+    if differences:
+        raise ValueError(
+            f"output_dir {settings.output_dir} holds a run started with other settings: "
+            f"{'; '.join(differences)}. To continue that run, use its settings ({path}); to "
+            f"start a new run, choose another output_dir (or delete {settings.output_dir})."
+        )
+    return recorded
+
+
+def record_run_plan(settings: RunSettings | ResolvedSettings) -> dict:
+    """Fix the run's plan: write it to ``output_dir/run_plan.json`` if the folder has none,
+    otherwise check these settings against it (:func:`check_run_plan`). Returns the plan."""
+    settings = _resolve(settings)
+    state = process_state()
+    # Every process reads the folder before any process writes to it: they all take one branch.
+    state.wait_for_everyone()
+    recorded = check_run_plan(settings)
+    state.wait_for_everyone()
+    if recorded is not None:
+        return recorded
+    plan = run_plan(settings)
+    if state.is_main_process:
+        _write_atomically(Path(settings.output_dir) / PLAN_FILE, json.dumps(plan, indent=2))
+    state.wait_for_everyone()
+    return plan
+
+
+def _fsync_path(path: Path) -> None:
+    """Flush a file's or a folder's data to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a synced temporary file and a rename: a reader sees
+    the old file or the whole new one, never part of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    _fsync_path(path.parent)
+
+
+def load_model_and_tokenizer(settings: RunSettings | ResolvedSettings):
     """The policy model and its tokenizer.
 
     Smoke mode: the tiny world's Llama and tokenizer, built locally. Otherwise
@@ -283,10 +467,12 @@ def load_model_and_tokenizer(settings: RunSettings):
     ``"full"``. The model goes on this process's GPU, except for full fine-tuning on several
     processes, where DeepSpeed ZeRO-3 shards and places it. Under ZeRO-3 the training
     arguments are built first, so that the weights are partitioned while they load instead of
-    every process holding a full fp32 copy in CPU memory.
+    every process holding a full fp32 copy in CPU memory. Settings that differ from the plan
+    recorded in ``output_dir`` are refused before anything loads (:func:`check_run_plan`).
     """
-    settings = settings.resolved()
+    settings = _resolve(settings)
     check_launch(settings)
+    check_run_plan(settings)
     if settings.smoke:
         tokenizer = make_tokenizer()
         return make_model(tokenizer, seed=settings.seed), tokenizer
@@ -347,39 +533,46 @@ def process_state() -> PartialState:
     return PartialState(cpu=not torch.cuda.is_available())
 
 
-def load_preference_data(settings: RunSettings, split: str = "train") -> Dataset:
+def load_preference_data(settings: RunSettings | ResolvedSettings, split: str = "train") -> Dataset:
     """Training (or ``"test"``) pairs: ``settings.dataset_id`` from the hub, or smoke data.
 
     ``num_pairs`` keeps the first pairs of the training split (the same ones on every re-run,
-    so a resumed run continues on the same data). Smoke data is written to ``output_dir`` and
-    read back, so that several processes share one on-disk dataset: TRL's reference
-    precomputation fails under DDP with an in-memory dataset.
+    so a resumed run continues on the same data). Smoke data is written once to a folder of
+    ``output_dir`` named after its size and seed, through a temporary folder and a rename, and
+    read back, so that several processes share one on-disk dataset (TRL's reference
+    precomputation fails under DDP with an in-memory dataset); a later call never rewrites a
+    folder a returned dataset reads from.
     """
-    if not isinstance(settings, RunSettings):
-        raise TypeError(f"settings must be a RunSettings, got {type(settings).__name__}")
+    settings = _resolve(settings)
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    settings = settings.resolved()
+    check_run_plan(settings)
     if not settings.smoke:
         dataset = load_dataset(settings.dataset_id, split=split)
         if split == "train" and settings.num_pairs is not None:  # a subset to train on
             dataset = dataset.select(range(min(settings.num_pairs, len(dataset))))
         return dataset
     seed = settings.seed if split == "train" else settings.seed + 1
-    path = Path(settings.output_dir) / f"smoke_data_{split}"
+    n = settings.num_pairs or 32
+    path = Path(settings.output_dir) / "data" / f"smoke_{split}_n{n}_seed{seed}"
     state = process_state()
     with state.main_process_first():
-        if state.is_main_process:
-            smoke_preference_data(settings.num_pairs or 32, seed=seed).save_to_disk(str(path))
+        if state.is_main_process and not path.is_dir():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+            smoke_preference_data(n, seed=seed).save_to_disk(str(temporary / "dataset"))
+            os.replace(temporary / "dataset", path)
+            temporary.rmdir()
         return load_from_disk(str(path))
 
 
-def lora_config(settings: RunSettings) -> LoraConfig | None:
+def lora_config(settings: RunSettings | ResolvedSettings) -> LoraConfig | None:
     """LoRA on all seven projections for the LoRA recipes; None for full fine-tuning.
 
     No LoRA dropout: ``DPOConfig(disable_dropout=True)``, which TRL's DPO recipes use so that
     policy and reference see the same network, would zero it anyway.
     """
+    settings = _resolve(settings)
     if settings.recipe == "full":
         return None
     return LoraConfig(
@@ -416,21 +609,20 @@ def device_arguments(recipe: str) -> dict:
     }
 
 
-def training_config(settings: RunSettings) -> FocalPOConfig:
+def training_config(settings: RunSettings | ResolvedSettings) -> FocalPOConfig:
     """The :class:`FocalPOConfig` for these settings (resolved first).
 
     Gradient checkpointing is always on; bf16 or fp16 mixed precision on a GPU
     (:func:`compute_dtype`), fp32 on a CPU. The full recipe precomputes the reference log-probs,
     so no reference model stays in memory. QLoRA uses paged AdamW, as the QLoRA paper does; the
     other recipes fused AdamW on a GPU (no temporary copy of the parameters at its step, which
-    torch's default foreach AdamW makes). A checkpoint every ``save_steps`` steps, the last
-    ``save_total_limit`` kept. The warm-up is ``warmup_ratio`` of the run, passed as
+    torch's default foreach AdamW makes). A checkpoint every ``save_steps`` steps; the old ones
+    are rotated away by :class:`CompleteCheckpoints`, not by transformers (which would delete
+    them before the new one is complete). The warm-up is ``warmup_ratio`` of the run, passed as
     ``warmup_steps`` below 1, which transformers 5 reads as a fraction (transformers 4 would
     read it as no warm-up: the Colab cell pins transformers).
     """
-    if not isinstance(settings, RunSettings):
-        raise TypeError(f"settings must be a RunSettings, got {type(settings).__name__}")
-    settings = settings.resolved()
+    settings = _resolve(settings)
     return FocalPOConfig(
         output_dir=settings.output_dir,
         # Plain Python numbers: RunSettings accepts numpy's too, DPOConfig may not.
@@ -454,7 +646,6 @@ def training_config(settings: RunSettings) -> FocalPOConfig:
         logging_first_step=True,  # step 1 has a known loss, (1/2)**gamma ln 2: a sanity check
         save_strategy="steps",
         save_steps=int(settings.save_steps),
-        save_total_limit=int(settings.save_total_limit),
         report_to=[],
         seed=int(settings.seed),
         disable_tqdm=settings.smoke,
@@ -466,7 +657,9 @@ def cast_trainable_to_fp32(model: torch.nn.Module) -> int:
 
     TRL 1.16 casts the adapter of a 4-bit model to bf16. A bf16 adapter barely moves at a LoRA
     learning rate of 5e-6 (most updates are below bf16's resolution), and fp16 training's loss
-    scaler cannot unscale bf16 gradients. Mixed precision keeps computing in 16 bits.
+    scaler cannot unscale bf16 gradients. Mixed precision keeps computing in 16 bits. Under
+    DeepSpeed ZeRO-3 (the full recipe on several GPUs) this cast does not last: DeepSpeed's bf16
+    mode stores the parameters in bf16 and keeps an fp32 master copy in its optimiser.
     """
     cast = 0
     for param in model.parameters():
@@ -476,115 +669,327 @@ def cast_trainable_to_fp32(model: torch.nn.Module) -> int:
     return cast
 
 
-def build_trainer(settings: RunSettings, model, tokenizer, train_dataset) -> FocalPOTrainer:
-    """A :class:`FocalPOTrainer`, its trainable parameters in fp32.
+# The file that marks a checkpoint folder complete. Written last, after every other file of the
+# folder is synced, it lists each file with its size, so that a copy whose files arrived out of
+# order (a cloud drive uploading in the background) is not taken for complete either.
+COMPLETE_MARKER = "checkpoint_complete.json"
+
+
+def _checkpoint_files(folder: Path) -> dict[str, int]:
+    return {
+        str(path.relative_to(folder)): path.stat().st_size
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != COMPLETE_MARKER and not path.name.startswith(".")
+    }
+
+
+def incomplete_reason(folder: str | os.PathLike) -> str | None:
+    """None if the checkpoint ``folder`` is complete, else why not (in words)."""
+    folder = Path(folder)
+    marker = folder / COMPLETE_MARKER
+    if not marker.is_file():
+        return f"no {COMPLETE_MARKER}: the save did not finish"
+    try:
+        listed = json.loads(marker.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return f"{COMPLETE_MARKER} is unreadable"
+    present = _checkpoint_files(folder)
+    for name, size in listed.items():
+        if name not in present:
+            return f"{name} is missing"
+        if present[name] != size:
+            return f"{name} has {present[name]} bytes, {size} were written"
+    return None
+
+
+def checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """The ``checkpoint-<step>`` folders of ``output_dir``, oldest step first."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[11:]))
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint of ``output_dir`` (:func:`incomplete_reason`), or None."""
+    return next(
+        (f for f in reversed(checkpoints(output_dir)) if incomplete_reason(f) is None), None
+    )
+
+
+class CompleteCheckpoints(TrainerCallback):
+    """Marks each checkpoint complete once it is safely written, then keeps the newest ``keep``.
+
+    Syncs every file of the new ``checkpoint-<step>`` folder to disk, calls ``flush`` (if given),
+    writes :data:`COMPLETE_MARKER` through a synced temporary file and a rename, and calls
+    ``flush`` again. On Colab, ``flush`` is where Google Drive's background upload is forced to
+    finish, so that the marker reaches Drive after the files it lists. Only then are checkpoints
+    beyond the newest ``keep`` deleted, oldest step first: a save cut off at any moment leaves
+    the previous complete checkpoint in place. Every process waits for the others first (each
+    writes its own shards under ZeRO-3); the main process writes and deletes.
+    """
+
+    def __init__(self, flush: Callable[[], None] | None = None, *, keep: int = 2) -> None:
+        if flush is not None and not callable(flush):
+            raise TypeError(f"flush must be a function or None, got {flush!r}")
+        if not _is_int(keep) or keep < 1:
+            raise ValueError(f"keep must be an int >= 1, got {keep!r}")
+        self.flush = flush
+        self.keep = keep
+
+    def on_save(self, args, state, control, **kwargs):
+        process = process_state()
+        process.wait_for_everyone()
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            files = _checkpoint_files(folder)
+            for name in files:
+                _fsync_path(folder / name)
+            for sub in {folder / name for name in files}:
+                _fsync_path(sub.parent)
+            if self.flush is not None:
+                self.flush()
+            _write_atomically(folder / COMPLETE_MARKER, json.dumps({"files": files}, indent=1))
+            if self.flush is not None:
+                self.flush()
+            for old in checkpoints(args.output_dir)[: -self.keep]:
+                shutil.rmtree(old)
+        process.wait_for_everyone()
+
+
+def build_trainer(
+    settings: RunSettings | ResolvedSettings,
+    model,
+    tokenizer,
+    train_dataset,
+    *,
+    flush: Callable[[], None] | None = None,
+) -> FocalPOTrainer:
+    """A :class:`FocalPOTrainer`, its trainable parameters in fp32, that marks every checkpoint
+    complete once written (:class:`CompleteCheckpoints`, with ``flush``).
 
     With LoRA the reference is the base with the adapter off; the full recipe precomputes the
     reference log-probs with the untrained policy. Raises ``ValueError`` for a recipe the
-    launcher cannot run (:func:`check_launch`).
+    launcher cannot run (:func:`check_launch`) and for settings that differ from the plan the
+    output folder records; a new folder gets these settings' plan (:func:`record_run_plan`).
     """
-    settings = settings.resolved()
+    settings = _resolve(settings)
     check_launch(settings)
+    record_run_plan(settings)
     trainer = FocalPOTrainer(
         model=model,
         args=training_config(settings),
         train_dataset=train_dataset,
         processing_class=tokenizer,
         peft_config=lora_config(settings),
+        callbacks=[CompleteCheckpoints(flush, keep=settings.save_total_limit)],
     )
     cast_trainable_to_fp32(trainer.model)
     return trainer
 
 
-def train(trainer: FocalPOTrainer):
-    """``trainer.train()``, resumed from the newest checkpoint in ``trainer.args.output_dir``.
+def train(trainer: FocalPOTrainer) -> TrainOutput:
+    """``trainer.train()``, resumed from the newest complete checkpoint in its output folder.
 
-    A re-run after a disconnect therefore continues where the last checkpoint left off: the
-    weights, optimiser and scheduler state, the data order and the log come back from it. A
-    run that had already finished returns at once with its log.
+    A re-run after a disconnect therefore continues where the last complete checkpoint left
+    off: the weights, optimiser and scheduler state, the data order and the log come back from
+    it. A newer checkpoint that is incomplete (a save cut off, a file lost) is named, removed,
+    and skipped. A run that had already finished trains nothing: the final checkpoint's weights
+    and log are loaded and returned at once (``training_loss`` is then the mean logged loss).
     """
     output_dir = Path(trainer.args.output_dir)
-    checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
-    if trainer.is_world_process_zero():
-        print(f"resuming from {checkpoint}" if checkpoint else "no checkpoint: starting at step 0")
-    return trainer.train(resume_from_checkpoint=checkpoint)
+    checkpoint = last_complete_checkpoint(output_dir)
+    main = trainer.is_world_process_zero()
+    if main:
+        for folder in checkpoints(output_dir):
+            reason = incomplete_reason(folder)
+            if reason is not None:
+                print(f"skipping {folder.name}: incomplete ({reason}); removed")
+                shutil.rmtree(folder)
+    trainer.accelerator.wait_for_everyone()
+    if checkpoint is None:
+        if main:
+            print("no complete checkpoint: starting at step 0")
+        return trainer.train()
+    state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE_NAME))
+    if state.max_steps and state.global_step >= state.max_steps:
+        trainer._load_from_checkpoint(str(checkpoint))
+        trainer.state = state
+        if main:
+            print(f"the run finished at step {state.global_step}: loaded {checkpoint.name}")
+        losses = [e["loss"] for e in state.log_history if "loss" in e]
+        mean = sum(losses) / len(losses) if losses else float("nan")
+        return TrainOutput(state.global_step, mean, {"already_finished": True})
+    if main:
+        print(f"resuming from {checkpoint.name} (step {state.global_step} of {state.max_steps})")
+    return trainer.train(resume_from_checkpoint=str(checkpoint))
+
+
+def sessions_left(steps_left: int, seconds_per_step: float, budget_hours: float) -> int:
+    """Sessions of ``budget_hours`` that ``steps_left`` steps of ``seconds_per_step`` need."""
+    if not _is_int(steps_left) or steps_left < 0:
+        raise ValueError(f"steps_left must be an int >= 0, got {steps_left!r}")
+    for name, value in (("seconds_per_step", seconds_per_step), ("budget_hours", budget_hours)):
+        if not _is_real(value) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    steps_per_session = max(1, math.floor(budget_hours * 3600 / seconds_per_step))
+    return math.ceil(steps_left / steps_per_session)
 
 
 class ProgressReport(TrainerCallback):
     """Prints the measured seconds per optimiser step and the time left, once ``after`` steps
-    have been timed and then at every checkpoint.
+    have been timed and then at every checkpoint; with ``budget_hours``, also ends the session
+    cleanly before that much training time has passed.
 
-    The first step of a run (or of a resumed run) is not timed: it includes one-off work such as
-    CUDA kernel selection. ``seconds_per_step`` holds the latest measurement (None before).
+    The first step of a session is not timed: it includes one-off work such as CUDA kernel
+    selection. ``seconds_per_step`` holds the latest measurement (None before).
+
+    The budget: after each step, if one more step and a save (the longest save measured so far,
+    at least ``reserve_seconds``) would end past ``budget_hours`` of training in this session,
+    the step is saved (as a complete checkpoint) and training stops; :func:`train` continues
+    from there in the next session. At the end of a session it prints the steps left and the
+    sessions of ``budget_hours`` they need at the measured speed. One process only: under
+    several processes each would measure its own clock.
     """
 
-    def __init__(self, after: int = 3, print_fn=print) -> None:
+    def __init__(
+        self,
+        after: int = 3,
+        print_fn=print,
+        *,
+        budget_hours: float | None = None,
+        reserve_seconds: float = 300.0,
+    ) -> None:
         if not _is_int(after) or after < 1:
             raise ValueError(f"after must be an int >= 1, got {after!r}")
+        if budget_hours is not None and (
+            not _is_real(budget_hours) or not math.isfinite(budget_hours) or budget_hours <= 0
+        ):
+            raise ValueError(
+                f"budget_hours must be a finite number > 0 or None, got {budget_hours!r}"
+            )
+        if not _is_real(reserve_seconds) or not 0 <= reserve_seconds < math.inf:
+            raise ValueError(
+                f"reserve_seconds must be a finite number >= 0, got {reserve_seconds!r}"
+            )
         self.after = after
         self.print_fn = print_fn
+        self.budget_hours = budget_hours
+        self.reserve_seconds = float(reserve_seconds)
         self.seconds_per_step: float | None = None
+        self.stopped_for_budget = False
         self._start: tuple[int, float] | None = None
+        self._begin = 0.0
+        self._step_end = 0.0
+        self._save_seconds = 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if self.budget_hours is not None and args.world_size > 1:
+            raise ValueError("budget_hours needs a single process; this launch has several")
         self._start = None
+        self._begin = time.perf_counter()
+        self.stopped_for_budget = False
 
     def on_step_end(self, args, state, control, **kwargs):
         now = time.perf_counter()
+        self._step_end = now
         if self._start is None:
             self._start = (state.global_step, now)
+        else:
+            first_step, first_time = self._start
+            timed = state.global_step - first_step
+            self.seconds_per_step = (now - first_time) / timed
+            at_checkpoint = args.save_steps and state.global_step % args.save_steps == 0
+            if (timed == self.after or (timed > self.after and at_checkpoint)) and (
+                state.is_world_process_zero
+            ):
+                left = self.seconds_per_step * (state.max_steps - state.global_step)
+                self.print_fn(
+                    f"step {state.global_step}/{state.max_steps}: {self.seconds_per_step:.2f} "
+                    f"s/step (measured over {timed} steps), about {left / 3600:.2f} h left"
+                )
+        if self.budget_hours is None or state.global_step >= state.max_steps:
             return
-        first_step, first_time = self._start
-        timed = state.global_step - first_step
-        self.seconds_per_step = (now - first_time) / timed
-        at_checkpoint = args.save_steps and state.global_step % args.save_steps == 0
-        if (timed == self.after or (timed > self.after and at_checkpoint)) and (
-            state.is_world_process_zero
-        ):
-            left = self.seconds_per_step * (state.max_steps - state.global_step)
-            self.print_fn(
-                f"step {state.global_step}/{state.max_steps}: {self.seconds_per_step:.2f} s/step "
-                f"(measured over {timed} steps), about {left / 3600:.2f} h left"
+        step_s = self.seconds_per_step or (now - self._begin)
+        reserve = max(self.reserve_seconds, self._save_seconds)
+        if now - self._begin + step_s + reserve > self.budget_hours * 3600:
+            control.should_save = True
+            control.should_training_stop = True
+            self.stopped_for_budget = True
+
+    def on_save(self, args, state, control, **kwargs):
+        self._save_seconds = max(self._save_seconds, time.perf_counter() - self._step_end)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        left = state.max_steps - state.global_step
+        if left <= 0:
+            self.print_fn(f"the run is complete: step {state.global_step}/{state.max_steps}")
+            return
+        line = f"session ends at step {state.global_step}/{state.max_steps}: {left} steps left"
+        if self.budget_hours is not None:
+            step_s = self.seconds_per_step or (self._step_end - self._begin)
+            sessions = sessions_left(left, step_s, self.budget_hours)
+            line += (
+                f", about {left * step_s / 3600:.2f} h at {step_s:.2f} s/step: {sessions} more "
+                f"session(s) of {self.budget_hours:g} h; run the page again to continue"
             )
+        self.print_fn(line)
 
 
-# An assumption, not a measurement: the share of a GPU's 16-bit peak that a 7B FocalPO step
-# reaches. ProgressReport's measured seconds per step replace the estimate it gives.
-ASSUMED_MFU = 0.3
+def model_flops_per_token(config) -> int:
+    """Model FLOPs per trained token: 6N, with N the parameters outside the embedding.
+
+    This is model FLOPs utilisation's numerator as PaLM defines it (Chowdhery et al. 2022):
+    forward (2N) and backward (4N), with no recomputation counted. It is the same 6N for every
+    recipe here: full fine-tuning is 2N + 4N; LoRA is 2N forward, 2N for the input gradients
+    (the frozen base gets no weight gradients) and 2N for the adapter-off reference's forward
+    pass. The forward pass that gradient checkpointing repeats (another 2N) is overhead, not
+    model work, and is left out, so an MFU of x means x of the peak went into the 6N.
+    """
+    return 6 * (parameter_count(config) - config.vocab_size * config.hidden_size)
+
+
+# An assumption, not a measurement: the model FLOPs utilisation (:func:`model_flops_per_token`)
+# that a 7B FocalPO step reaches. ProgressReport's measured seconds per step replace the
+# estimate it gives after the first steps of a run.
+ASSUMED_MFU = 0.15
 
 
 def peak_tflops(gpu_name: str) -> float | None:
-    """The GPU's 16-bit tensor-core peak from :data:`PEAK_16BIT_TFLOPS`, None if unknown."""
-    return next((peak for key, peak in PEAK_16BIT_TFLOPS.items() if key in gpu_name), None)
+    """The 16-bit tensor-core peak of the GPU ``torch.cuda.get_device_name()`` calls
+    ``gpu_name`` (:data:`PEAK_16BIT_TFLOPS`, exact names only); None if unknown."""
+    if not isinstance(gpu_name, str):
+        raise TypeError(f"gpu_name must be a str, got {gpu_name!r}")
+    return PEAK_16BIT_TFLOPS.get(gpu_name.strip())
 
 
 def estimated_step_seconds(
-    config, settings: RunSettings, peak: float, *, mfu: float = ASSUMED_MFU
+    config, settings: RunSettings | ResolvedSettings, peak: float, *, mfu: float = ASSUMED_MFU
 ) -> float:
-    """Seconds per optimiser step on one GPU of ``peak`` TFLOP/s, an upper-bound estimate.
+    """Seconds per optimiser step on one GPU of ``peak`` TFLOP/s at model FLOPs utilisation
+    ``mfu``: :func:`model_flops_per_token` x tokens per step / (peak x mfu).
 
-    Every sequence is counted at ``max_length`` tokens (chosen and rejected rows: 2 per pair).
-    Weight-matmul FLOPs per token, with N the parameters outside the embedding: 8N for every
-    recipe, which is 6N (forward and backward) + 2N (the forward pass gradient checkpointing
-    recomputes) for full fine-tuning, and 2N + 2N (input gradients; the frozen base gets no
-    weight gradients) + 2N (recomputation) + 2N (the adapter-off reference) with LoRA.
+    Every sequence is counted at ``max_length`` tokens (chosen and rejected rows: 2 per pair),
+    an upper bound.
     """
-    settings = settings.resolved()
-    if not _is_real(peak) or peak <= 0:
+    settings = _resolve(settings)
+    if not _is_real(peak) or not math.isfinite(peak) or peak <= 0:
         raise ValueError(f"peak must be a positive number of TFLOP/s, got {peak!r}")
     if not _is_real(mfu) or not 0 < mfu <= 1:
         raise ValueError(f"mfu must be in (0, 1], got {mfu!r}")
-    n = parameter_count(config) - config.vocab_size * config.hidden_size
     tokens = 2 * settings.pairs_per_step * settings.max_length
-    return 8 * n * tokens / (peak * 1e12 * mfu)
+    return model_flops_per_token(config) * tokens / (peak * 1e12 * mfu)
 
 
 def steps_for_budget(hours: float, step_seconds: float) -> int:
     """Optimiser steps that fit in ``hours`` at ``step_seconds`` each (at least 1)."""
-    if not _is_real(hours) or hours <= 0:
-        raise ValueError(f"hours must be > 0, got {hours!r}")
-    if not _is_real(step_seconds) or step_seconds <= 0:
-        raise ValueError(f"step_seconds must be > 0, got {step_seconds!r}")
+    if not _is_real(hours) or not math.isfinite(hours) or hours <= 0:
+        raise ValueError(f"hours must be a finite number > 0, got {hours!r}")
+    if not _is_real(step_seconds) or not math.isfinite(step_seconds) or step_seconds <= 0:
+        raise ValueError(f"step_seconds must be a finite number > 0, got {step_seconds!r}")
     return max(1, math.floor(hours * 3600 / step_seconds))
 
 
