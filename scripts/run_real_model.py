@@ -103,6 +103,10 @@ class Config:
     sample_answers_shown: int = 6
 
 
+# The script runs on a CPU (one thread per worker) or, with --workers 1, on a GPU.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _threads() -> None:
     torch.set_num_threads(1)
     datasets.disable_progress_bars()
@@ -132,7 +136,7 @@ def completion_logps(model, tokenizer, rows: list[dict], key: str) -> list[float
             full = tokenizer.apply_chat_template(row["prompt"] + row[key], tokenize=False)
             p_ids = tokenizer(text=prompt)["input_ids"]
             c_ids = tokenizer(text=full[len(prompt) :])["input_ids"]
-            ids = torch.tensor([p_ids + c_ids])
+            ids = torch.tensor([p_ids + c_ids], device=next(model.parameters()).device)
             logps = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
             token = logps.gather(-1, ids[0, 1:, None]).squeeze(-1)
             out.append(float(token[len(p_ids) - 1 :].sum()))
@@ -157,8 +161,8 @@ def prepare_seed(seed: int, cfg: Config, work: Path) -> dict:
         return json.loads(path.read_text())
     _threads()
     start = time.perf_counter()
-    model_id, _ = rm.smollm_folder()
     loaded = rm.load_smollm()
+    loaded.model.to(DEVICE)
     lists = train_lists(seed, cfg)
     prompts = [rm.chat_prompt(loaded.tokenizer, x) for x in lists]
     samples = rm.sample_answers(
@@ -207,6 +211,7 @@ def reference_eval(cfg: Config, work: Path) -> dict:
         return json.loads(path.read_text())
     _threads()
     loaded = rm.load_smollm()
+    loaded.model.to(DEVICE)
     lists = held_out_lists(cfg)
     prompts = [rm.chat_prompt(loaded.tokenizer, x) for x in lists]
     start = time.perf_counter()
@@ -319,7 +324,7 @@ def run_one(
         1.0 if c > r else 0.5 if c == r else 0.0
         for c, r in zip(correct, ref["correct"], strict=True)
     ]
-    reference = rm.load_smollm().model
+    reference = rm.load_smollm().model.to(next(policy.parameters()).device)
     kl = sampled_kl(
         policy,
         reference,
