@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import html
+import itertools
 import math
 import re
 
@@ -78,9 +79,14 @@ def test_static_explorer_has_one_described_png_per_step_and_gamma(explorer):
         for gamma, (png, alt) in zip(GAMMAS, row, strict=True):
             assert png[:4] == b"\x89PNG"
             expected = viz.explorer_frame_alt(
-                gamma, step=step, z=margins[step], ref_misranked=ref_misranked
+                gamma,
+                step=step,
+                z=margins[step],
+                ref_misranked=ref_misranked,
+                margins_from="a test",
             )
             assert alt == expected
+            assert "training pairs at this step of a test," in alt
             assert f"γ = {gamma:g}, training step {step}." in alt
 
 
@@ -106,6 +112,7 @@ def test_static_explorer_sliders_are_linked_to_the_stacks(explorer):
 def test_static_explorer_states_where_the_margins_come_from(explorer):
     (title, caption) = [_children(explorer, widgets.HTML)[i] for i in (0, -1)]
     assert "a test" in title.value and "without a kernel" in title.value
+    assert "does not train at that γ" in title.value
     assert "share of each loss's total |w|" in caption.value
 
 
@@ -297,3 +304,34 @@ def test_live_explorer_has_gamma_step_and_form_controls():
     assert isinstance(box.children[-1], widgets.Output)
     with pytest.raises(ValueError, match="gamma"):
         viz.gamma_explorer(margins, ref_misranked, gamma=-1.0)
+
+
+def test_the_default_gamma_grid_moves_the_picture_gradually():
+    """One notch of the default grid changes each loss's share by a few points at most, and the
+    grid brackets 1/ln 2, where the in-graph weight at p = 1/2 turns negative."""
+    gammas = viz.EXPLORER_GAMMAS
+    assert list(gammas) == sorted(set(gammas)) and gammas[0] == 0.0
+    assert min(gammas) < 1 / math.log(2) < max(gammas)
+    margins, ref_misranked = _margins()
+    shares = [
+        {
+            n: viz.weight_share(w, ref_misranked)
+            for n, w in viz.loss_weights(margins[10], gamma=g).items()
+        }
+        for g in gammas
+    ]
+    for name in ("focalpo_detached", "focal"):
+        steps = [abs(b[name] - a[name]) for a, b in itertools.pairwise(shares)]
+        assert 0 < max(steps) < 0.06, (name, steps)
+
+
+def test_margins_from_must_be_text():
+    margins, ref_misranked = _margins()
+    with pytest.raises(TypeError, match="margins_from"):
+        viz.explorer_figure(
+            gamma=0.5, z=margins[10], ref_misranked=ref_misranked, step=10, margins_from=3
+        )
+    with pytest.raises(TypeError, match="margins_from"):
+        viz.explorer_frame_alt(
+            0.5, step=10, z=margins[10], ref_misranked=ref_misranked, margins_from=3
+        )

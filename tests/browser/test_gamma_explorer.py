@@ -1,5 +1,6 @@
 """The γ explorer works in the static book: moving γ, and moving the training step, by keyboard and
-by mouse, each change the figure, and every frame shown has alt text that says what it shows.
+by mouse, each change the figure, every frame shown has alt text that says what it shows, and the γ
+slider carries the whole grid of `focalpo_mini.viz.EXPLORER_GAMMAS`.
 
 No kernel runs: the two sliders and the stacks of precomputed frames are linked in the browser
 (jslink), from the widget state myst-nb embedded at build time. Screenshots go to
@@ -14,6 +15,8 @@ import time
 
 from book_site import EXPLORER_PAGE, SCREENSHOTS, PageVisit, open_page, toc_docnames
 from PIL import Image, ImageChops
+
+from focalpo_mini.viz import EXPLORER_GAMMAS
 
 FRAME = "img.focalpo-explorer-frame:visible"
 
@@ -123,6 +126,7 @@ def test_gamma_explorer_changes_the_figure(browser, server):
 
     start = _state(sliders, output)
     _assert_described(start)
+    assert start["γ"] == f"{EXPLORER_GAMMAS[0]:g}", f"γ starts at {start['γ']}"
     _save(start, "start")
     states = [start]
 
@@ -158,6 +162,10 @@ def test_gamma_explorer_changes_the_figure(browser, server):
         _save(after, tag)
         states.append(after)
     assert len({state["src"] for state in states}) == len(states), "a frame was shown twice"
+    # The page carries the book's whole γ grid: one key press is one notch, a click on the far end
+    # of the track reaches its last value.
+    assert states[1]["γ"] == f"{EXPLORER_GAMMAS[1]:g}", f"one notch took γ to {states[1]['γ']}"
+    assert states[3]["γ"] == f"{EXPLORER_GAMMAS[-1]:g}", f"the far end of γ is {states[3]['γ']}"
 
     page.context.close()
     assert not visit.blocked_requests, f"requests outside localhost: {visit.blocked_requests}"
