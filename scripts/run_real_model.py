@@ -57,7 +57,7 @@ from focalpo_mini.generation import greedy_answers, sampled_kl
 from focalpo_mini.trl import FocalPOTrainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_small_experiment import machine_fingerprint  # noqa: E402
+from run_small_experiment import machine_fingerprint
 
 
 @dataclass(frozen=True)
@@ -174,7 +174,9 @@ def prepare_seed(seed: int, cfg: Config, work: Path) -> dict:
         seed=seed,
         max_new_tokens=cfg.max_new_tokens,
     )
-    rows = rm.onpolicy_pairs(lists, samples, seed=seed, max_pairs_per_prompt=cfg.max_pairs_per_prompt)
+    rows = rm.onpolicy_pairs(
+        lists, samples, seed=seed, max_pairs_per_prompt=cfg.max_pairs_per_prompt
+    )
     sample_seconds = time.perf_counter() - start
     rows = rows[: cfg.num_pairs]
     record = {

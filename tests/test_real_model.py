@@ -211,9 +211,7 @@ def test_the_whole_pipeline_trains_evaluates_saves_and_reloads(smollm, tmp_path)
         reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(folder)
         base = dict(smollm.model.named_parameters())
-        moved = any(
-            not torch.equal(p, base[name]) for name, p in reloaded.named_parameters()
-        )
+        moved = any(not torch.equal(p, base[name]) for name, p in reloaded.named_parameters())
         assert moved, f"{method}: the saved model equals the reference"
         held = json.loads((saved / "held_out.json").read_text())
         prompts = held["prompts"][: cfg.sample_answers_shown]

