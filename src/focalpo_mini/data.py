@@ -67,7 +67,7 @@ def make_preference_dataset(
     n = check_int("n", n, 1)
     noise = check_number("noise", noise, minimum=0.0, maximum=1.0)
     seed = check_int("seed", seed, 0)
-    check_flag("conversational", conversational)
+    conversational = check_flag("conversational", conversational)
     min_len, max_len = check_int("min_len", min_len, 2), check_int("max_len", max_len, 2)
     if not 2 <= min_len <= max_len <= 10:
         raise ValueError(

@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from focalpo_mini._checks import check_int, compute_dtype
+from focalpo_mini._checks import check_int, compute_dtype, first_parameter
 from focalpo_mini.logprobs import sequence_logps
 
 REQUIRED_COLUMNS = ("prompt", "chosen", "rejected")
@@ -45,6 +45,7 @@ def tokenize_pair(tokenizer, example: dict) -> dict[str, list[int]]:
     Raises:
         TypeError, ValueError: for an example :func:`check_example` refuses.
     """
+    check_tokenizer(tokenizer)
     check_example(example, "example")
     prompt_ids, chosen_full = _encode(tokenizer, example["prompt"], example["chosen"])
     _, rejected_full = _encode(tokenizer, example["prompt"], example["rejected"])
@@ -58,6 +59,7 @@ def tokenize_pair(tokenizer, example: dict) -> dict[str, list[int]]:
 
 def tokenize_completion(tokenizer, prompt, completion) -> dict[str, list[int]]:
     """``prompt_ids`` and ``completion_ids`` of one prompt/completion, tokenised like a pair's."""
+    check_tokenizer(tokenizer)
     prompt_ids, full = _encode(tokenizer, prompt, completion)
     n = _common_prefix(prompt_ids, full)
     return {"prompt_ids": prompt_ids[:n], "completion_ids": full[n:]}
@@ -89,9 +91,12 @@ def prepare_pairs(
         ``truncated``, ``dropped_prompt_too_long``, ``prompt_tokens_cut``,
         ``completion_tokens_cut``.
     """
-    check_int("max_length", max_length, 1)
+    check_tokenizer(tokenizer)
+    max_length = check_int("max_length", max_length, 1)
     if max_prompt_length is not None:
-        check_int("max_prompt_length", max_prompt_length, 1)
+        max_prompt_length = check_int("max_prompt_length", max_prompt_length, 1)
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a string, got {type(name).__name__}")
     examples = _rows(dataset, name)
     stats = dict.fromkeys(
         (
@@ -171,6 +176,11 @@ def check_example(example, where: str, columns: Sequence[str] = REQUIRED_COLUMNS
                 f"{where}: {column} must be a string or a list of {{'role', 'content'}} "
                 f"messages, got {type(value).__name__} {value!r}"
             )
+    if isinstance(example[columns[0]], list) and not example[columns[0]]:
+        raise ValueError(
+            f"{where}: {columns[0]} is an empty list of messages; a conversational prompt needs "
+            "at least one message"
+        )
     if len(set(kinds.values())) > 1:
         found = ", ".join(f"{c} is {k}" for c, k in kinds.items())
         raise ValueError(
@@ -216,6 +226,32 @@ def collate(pairs: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]
     return collate_completions(chosen + rejected, pad_token_id)
 
 
+def check_tokenizer(tokenizer) -> None:
+    """TypeError unless ``tokenizer`` looks like a Hugging Face tokenizer (callable, with
+    ``eos_token`` and ``apply_chat_template``)."""
+    if not callable(tokenizer) or not hasattr(tokenizer, "eos_token"):
+        raise TypeError(
+            "tokenizer must be a Hugging Face tokenizer (callable, with an eos_token), got "
+            f"{type(tokenizer).__name__}"
+        )
+
+
+def check_vocabulary(name: str, model, pairs: Sequence[dict], where: str) -> None:
+    """ValueError when a token id of ``pairs`` is beyond ``model``'s input embedding (a
+    tokenizer bigger than the model's vocabulary, or a model built for another tokenizer)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embeddings, "num_embeddings", None)
+    if rows is None or not pairs:
+        return
+    largest = max(max(p[k], default=-1) for p in pairs for k in p)
+    if largest >= rows:
+        raise ValueError(
+            f"{where} has token id {largest}, but {name}'s input embedding has only {rows} rows: "
+            f"the tokenizer's vocabulary is larger than the model's; build the model for this "
+            "tokenizer (focalpo_mini.make_model(tokenizer))"
+        )
+
+
 def pad_token_id(tokenizer) -> int:
     """The tokenizer's pad token id, or its eos token id if it has no pad token."""
     pad_id = getattr(tokenizer, "pad_token_id", None)
@@ -237,6 +273,11 @@ def _encode(tokenizer, prompt, completion) -> tuple[list[int], list[int]]:
             )["input_ids"]
 
         return ids(prompt, add_generation_prompt=True), ids(prompt + completion)
+    if not isinstance(tokenizer.eos_token, str) or not tokenizer.eos_token:
+        raise ValueError(
+            f"tokenizer has no eos_token (got {tokenizer.eos_token!r}); plain-text pairs need one, "
+            "since it ends every completion: set tokenizer.eos_token"
+        )
     if not completion.endswith(tokenizer.eos_token):
         completion = completion + tokenizer.eos_token
     return tokenizer(text=prompt)["input_ids"], tokenizer(text=prompt + completion)["input_ids"]
@@ -345,7 +386,8 @@ def pair_logps(
     :func:`prepare_pairs` skips (chosen == rejected, or a prompt that fills ``max_length``).
     An empty dataset gives two empty tensors.
     """
-    check_int("batch_size", batch_size, 1)
+    batch_size = check_int("batch_size", batch_size, 1)
+    first_parameter("model", model)
     pairs, rows, _ = prepare_pairs(
         tokenizer, dataset, max_length=max_length, max_prompt_length=max_prompt_length
     )
@@ -359,7 +401,7 @@ def all_pair_logps(model, pairs, batch_size: int, pad_id: int) -> tuple[torch.Te
     """Chosen and rejected log-probs, each ``(len(pairs),)``, of tokenised ``pairs`` (from
     :func:`prepare_pairs`), in order, ``batch_size`` at a time, in eval mode without autograd.
     The model's mode is restored afterwards, even after an error or an interrupt."""
-    parameter = next(model.parameters())
+    parameter = first_parameter("model", model)
     if not pairs:
         empty = torch.empty(0, dtype=compute_dtype(parameter.dtype), device=parameter.device)
         return empty, empty.clone()

@@ -59,7 +59,7 @@ class FocalPOConfig(DPOConfig):
 
     def __post_init__(self) -> None:
         self.gamma = check_number("gamma", self.gamma, minimum=0.0)
-        check_flag("detach_weight", self.detach_weight)
+        self.detach_weight = check_flag("detach_weight", self.detach_weight)
         self.beta = check_number("beta", self.beta, minimum=0.0, inclusive=False)
         if self.max_length is not None:
             self.max_length = check_int("max_length", self.max_length, 1)
