@@ -307,8 +307,8 @@ def train(
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     device = first_parameter("model", model).device
-    if ref_model is not None:
-        first_parameter("ref_model", ref_model)
+    if ref_model is not None and not isinstance(ref_model, torch.nn.Module):
+        raise TypeError(f"ref_model must be a torch.nn.Module, got {type(ref_model).__name__}")
     if on_eval is not None and not callable(on_eval):
         raise TypeError(f"on_eval must be a callable or None, got {type(on_eval).__name__}")
     check_tokenizer(tokenizer)
@@ -327,10 +327,8 @@ def train(
                 "eval_dataset=None to train without evaluation"
             )
     train_split = splits["train"]
-    for module_name, module in (("model", model), ("ref_model", ref_model)):
-        if module is not None:
-            for split_name, split in splits.items():
-                check_vocabulary(module_name, module, split.pairs, f"{split_name}_dataset")
+    for split_name, split in splits.items():
+        check_vocabulary("model", model, split.pairs, f"{split_name}_dataset")
     if len(train_split.pairs) < config.batch_size:
         raise ValueError(
             f"train_dataset has {len(train_split.pairs)} usable pair(s), fewer than "
@@ -344,6 +342,10 @@ def train(
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
     if resume_from is None:
+        if ref_model is not None:
+            first_parameter("ref_model", ref_model)
+            for name, split in splits.items():
+                check_vocabulary("ref_model", ref_model, split.pairs, f"{name}_dataset")
         for name, split in splits.items():  # the reference: computed once, then only numbers
             try:
                 split.ref_chosen, split.ref_rejected = all_pair_logps(
