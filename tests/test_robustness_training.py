@@ -233,7 +233,7 @@ def test_resume_with_another_callable_loss_is_refused_or_warned(tokenizer, small
     with pytest.warns(UserWarning, match=r"callable loss \(functools.partial\(.*scaled\)\)"):
         train(small_model(), tokenizer, dataset, config=other, resume_from=tmp_path)
     lam = config(**{**vars(first), "loss": lambda *a, **k: focalpo_loss(*a, **k)})
-    with pytest.raises(ValueError, match="different config: loss .*its name differs"):
+    with pytest.raises(ValueError, match=r"different config: loss .*its name differs"):
         train(small_model(), tokenizer, dataset, config=lam, resume_from=tmp_path)
     named = config(**{**vars(first), "loss": "focalpo"})
     with pytest.raises(ValueError, match=r"loss \(checkpoint callable .*, now 'focalpo'\)"):

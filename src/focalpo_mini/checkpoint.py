@@ -274,7 +274,8 @@ def _check_identity(path: str, saved: dict, current: dict) -> None:
             pairs = zip(saved.get(key) or [], current.get(key) or [], strict=False)
             first = next(((a, b) for a, b in pairs if a != b), None)
             if first is not None:
-                detail = f": module {first[1][0] or '(root)'!r} was {first[0][1:]}, now {first[1][1:]}"
+                name = first[1][0] or "(root)"
+                detail = f": module {name!r} was {first[0][1:]}, now {first[1][1:]}"
         elif key == "tokenizer":
             detail = " (another vocabulary, merges, special tokens or chat template)"
         elif key == "model_class":
@@ -309,7 +310,10 @@ def _loss_difference(saved: object, current: object) -> str | None:
         if saved.get("name") == current["name"] and saved.get("code") == current["code"]:
             return None
         what = "name" if saved.get("name") != current["name"] else "code"
-        return f"loss (checkpoint callable {saved.get('name')}, now {current['name']}; its {what} differs)"
+        return (
+            f"loss (checkpoint callable {saved.get('name')}, now {current['name']}; its {what} "
+            "differs)"
+        )
     if saved == current:
         return None
     shown = [f"callable {r['name']}" if isinstance(r, dict) else repr(r) for r in (saved, current)]
