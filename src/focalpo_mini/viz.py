@@ -85,8 +85,8 @@ def new_figure(
     """
     if not isinstance(ncols, int) or ncols < 1:
         raise ValueError(f"ncols must be an int >= 1, got {ncols!r}")
-    if width <= 0 or height <= 0:
-        raise ValueError(f"width and height must be > 0, got {width} and {height}")
+    width = check_number("width", width, minimum=0.0, inclusive=False, maximum=1000.0)
+    height = check_number("height", height, minimum=0.0, inclusive=False, maximum=1000.0)
     apply_style()
     fig, axes = plt.subplots(1, ncols, figsize=(width, height), layout="constrained")
     return fig, (axes if ncols == 1 else list(axes))
@@ -170,6 +170,8 @@ def weight_share(weight: torch.Tensor, group: torch.Tensor) -> float:
             message names it.
     """
     check_float_tensor("weight", weight, ndim=1)
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError("weight must be finite, found NaN or inf")
     if not isinstance(group, torch.Tensor) or group.dtype != torch.bool:
         raise TypeError(f"group must be a bool tensor, got {_describe(group)}")
     if group.shape != weight.shape:
@@ -704,6 +706,15 @@ def plot_training(
     """
     if not runs:
         raise ValueError("runs must hold at least one TrainResult")
+    if (
+        not isinstance(metrics, (list, tuple))
+        or not metrics
+        or not all(isinstance(m, str) for m in metrics)
+    ):
+        raise TypeError(
+            f"metrics must be a non-empty list of metric names, got {metrics!r}"
+            + (f" (for one metric, pass [{metrics!r}])" if isinstance(metrics, str) else "")
+        )
     fig, axes = new_figure(len(metrics), width=3.4 * len(metrics) + 0.6)
     axes = axes if isinstance(axes, list) else [axes]
     for ax, metric in zip(axes, metrics, strict=True):
