@@ -83,8 +83,7 @@ def new_figure(
     Raises:
         ValueError: if ``ncols < 1`` or a size is not positive.
     """
-    if not isinstance(ncols, int) or ncols < 1:
-        raise ValueError(f"ncols must be an int >= 1, got {ncols!r}")
+    ncols = check_int("ncols", ncols, 1, maximum=100)
     width = check_number("width", width, minimum=0.0, inclusive=False, maximum=1000.0)
     height = check_number("height", height, minimum=0.0, inclusive=False, maximum=1000.0)
     apply_style()
@@ -142,8 +141,8 @@ def loss_weights(
     Raises:
         TypeError, ValueError: for a bad argument; the message names it.
     """
-    if detach not in (None, True, False):
-        raise TypeError(f"detach must be None, True or False, got {detach!r}")
+    if not (detach is None or isinstance(detach, bool)):
+        raise TypeError(f"detach must be None, True or False, got {_describe(detach)}")
     weights = {"dpo": gradient_weight(z, gamma=0.0)}
     if detach is not True:
         weights["focalpo"] = gradient_weight(z, gamma=gamma)
@@ -704,6 +703,8 @@ def plot_training(
     Returns:
         The figure.
     """
+    if not isinstance(runs, Mapping) or not all(hasattr(r, "series") for r in runs.values()):
+        raise TypeError(f"runs must be a dict {{label: TrainResult}}, got {_describe(runs)}")
     if not runs:
         raise ValueError("runs must hold at least one TrainResult")
     if (
