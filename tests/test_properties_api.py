@@ -14,9 +14,6 @@ import matplotlib.pyplot as plt
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from _contract import (
     ANYTHING,
     BETA,
@@ -29,6 +26,9 @@ from _contract import (
     expected_dtype,
     logps,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from focalpo_mini import baselines, logprobs, losses, metrics, ranking, stats, viz
 
 LOGP_NAMES = (
@@ -231,7 +231,8 @@ def test_ranking_functions_keep_the_contract(data):
         result, replaced = run(data, ranking.ranking_accuracy, two, positional=tuple(two))
         assert result is None or 0.0 <= result <= 1.0
     elif kind == "threshold":
-        args = {**ref, "beta": data.draw(BETA)}
+        beta = data.draw(BETA)
+        args = {**ref, "beta": beta}
         result, replaced = run(data, ranking.ranking_threshold, args, positional=tuple(ref))
     elif kind in ("ideal", "ideal_acc"):
         args = {**ref, "alpha": data.draw(alpha), "beta": data.draw(BETA)}
@@ -257,6 +258,15 @@ def test_ranking_functions_keep_the_contract(data):
             data, ranking.gradient_share, args, positional=("z", "group"), allow_nan=True
         )
         assert result is None or math.isnan(result) or 0.0 <= result <= 1.0
+    if replaced is None and kind in ("ranked", "accuracy", "threshold"):
+        chosen, rejected = two["chosen_logps"].double(), two["rejected_logps"].double()
+        if kind == "ranked":
+            expected = chosen >= rejected
+        elif kind == "accuracy":
+            expected = (chosen >= rejected).double().mean()
+        else:
+            expected = -F.logsigmoid(float(beta) * (rejected - chosen))
+        assert _close(torch.as_tensor(result).double(), expected.double(), torch.float32)
 
 
 @settings(max_examples=120)
