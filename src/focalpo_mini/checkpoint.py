@@ -54,8 +54,15 @@ def save(state: dict, directory: str | os.PathLike) -> str:
     leaves a half-written checkpoint and no planted link is ever followed.
 
     Refuses (ValueError) a state whose model weights hold NaN or inf, so a broken state never
-    replaces the last good checkpoint. Returns the path.
+    replaces the last good checkpoint, and (TypeError) a state holding anything but plain types
+    (str, int, float, bool, None, lists, tuples and dicts of them, tensors), which
+    ``torch.load(weights_only=True)`` could not read back. Returns the path.
     """
+    if not isinstance(state, dict) or set(STATE_KEYS) - set(state):
+        raise ValueError(f"state must be a dict with the keys {list(STATE_KEYS)}")
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"directory must be a path, got {type(directory).__name__}")
+    _check_plain(state, "state")
     broken = [
         k for k, v in state["model"].items() if v.is_floating_point() and not v.isfinite().all()
     ]
@@ -83,6 +90,10 @@ def write_atomically(path: str | os.PathLike, data: bytes) -> None:
     at ``path`` itself rather than writing through it. On any error the temporary file is
     removed and ``path`` is left as it was.
     """
+    if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
+        raise TypeError(f"path must be a text path, got {type(path).__name__}")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"data must be bytes, got {type(data).__name__}")
     path = os.fspath(path)
     directory = os.path.dirname(path) or "."
     fd, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory)
@@ -204,6 +215,10 @@ def load(
 def config_record(config: TrainConfig) -> dict:
     """The config as a dict of plain types; a callable loss is recorded by its name and a hash
     of its code (see :func:`load` for what that can and cannot tell apart)."""
+    from focalpo_mini.trainer import TrainConfig
+
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     record = {f.name: getattr(config, f.name) for f in fields(config)}
     if callable(config.loss):
         record["loss"] = {"name": _callable_name(config.loss), "code": _code_digest(config.loss)}
@@ -369,6 +384,25 @@ def _plain_attributes(module: torch.nn.Module) -> dict:
     }
 
 
+_PLAIN = (str, int, float, bool, type(None), torch.Tensor, torch.dtype, torch.Size)
+
+
+def _check_plain(value: object, where: str) -> None:
+    """TypeError naming the first value under ``where`` that is not a plain type."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_plain(key, f"{where} key {key!r}")
+            _check_plain(item, f"{where}[{key!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{where}[{i}]")
+    elif not isinstance(value, _PLAIN) or type(value).__module__ == "numpy":
+        raise TypeError(
+            f"{where} is a {type(value).__module__}.{type(value).__qualname__}; a checkpoint "
+            "holds only plain types (str, int, float, bool, None, lists and dicts, tensors)"
+        )
+
+
 def _plain(value: object) -> object:
     """``value`` as JSON's plain types (a tuple becomes a list, anything else its ``str``)."""
     return json.loads(json.dumps(value, sort_keys=True, default=str))
@@ -384,6 +418,8 @@ def rng_state() -> dict[str, object]:
 
 def set_rng_state(state: dict[str, object]) -> None:
     """Restore what :func:`rng_state` returned."""
+    if not isinstance(state, dict) or not isinstance(state.get("cpu"), torch.ByteTensor):
+        raise TypeError("state must be what rng_state() returned: a dict with a 'cpu' ByteTensor")
     torch.set_rng_state(state["cpu"])
     if "cuda" in state:
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -94,7 +94,12 @@ def make_preference_dataset(
 
 
 def tokenizer_corpus(n: int = 4000, *, seed: int = 1234) -> list[str]:
-    """Texts of the sorting task (a prompt and a completion each) to train the tokenizer on."""
+    """Texts of the sorting task (a prompt and a completion each) to train the tokenizer on.
+
+    Raises:
+        TypeError, ValueError: unless ``n`` is an integer >= 1 and ``seed`` one >= 0.
+    """
+    n, seed = check_int("n", n, 1), check_int("seed", seed, 0)
     rng = random.Random(seed)
     texts = []
     for _ in range(n):

@@ -16,7 +16,7 @@ import torch
 
 from focalpo_mini._checks import check_int, compute_dtype, first_parameter
 from focalpo_mini.data import true_reward
-from focalpo_mini.pairs import check_tokenizer, pad_token_id
+from focalpo_mini.pairs import _check_tokenizer, pad_token_id
 
 
 def _texts(name: str, values: object, *, allow_empty: bool = False) -> list[str]:
@@ -65,7 +65,7 @@ def greedy_answers(
     max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
     batch_size = check_int("batch_size", batch_size, 1)
     device = first_parameter("model", model).device
-    check_tokenizer(tokenizer)
+    _check_tokenizer(tokenizer)
     _check_prompt_tokens(tokenizer, prompts)
     was_training = model.training
     model.eval()
@@ -166,7 +166,7 @@ def sampled_kl(
     batch_size = check_int("batch_size", batch_size, 1)
     first_parameter("model", model)
     first_parameter("reference", reference)
-    check_tokenizer(tokenizer)
+    _check_tokenizer(tokenizer)
     _check_prompt_tokens(tokenizer, prompts)
     modes = [(m, m.training) for m in (model, reference)]
     try:

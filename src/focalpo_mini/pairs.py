@@ -45,7 +45,7 @@ def tokenize_pair(tokenizer, example: dict) -> dict[str, list[int]]:
     Raises:
         TypeError, ValueError: for an example :func:`check_example` refuses.
     """
-    check_tokenizer(tokenizer)
+    _check_tokenizer(tokenizer)
     check_example(example, "example")
     prompt_ids, chosen_full = _encode(tokenizer, example["prompt"], example["chosen"])
     _, rejected_full = _encode(tokenizer, example["prompt"], example["rejected"])
@@ -59,7 +59,7 @@ def tokenize_pair(tokenizer, example: dict) -> dict[str, list[int]]:
 
 def tokenize_completion(tokenizer, prompt, completion) -> dict[str, list[int]]:
     """``prompt_ids`` and ``completion_ids`` of one prompt/completion, tokenised like a pair's."""
-    check_tokenizer(tokenizer)
+    _check_tokenizer(tokenizer)
     prompt_ids, full = _encode(tokenizer, prompt, completion)
     n = _common_prefix(prompt_ids, full)
     return {"prompt_ids": prompt_ids[:n], "completion_ids": full[n:]}
@@ -91,7 +91,7 @@ def prepare_pairs(
         ``truncated``, ``dropped_prompt_too_long``, ``prompt_tokens_cut``,
         ``completion_tokens_cut``.
     """
-    check_tokenizer(tokenizer)
+    _check_tokenizer(tokenizer)
     max_length = check_int("max_length", max_length, 1)
     if max_prompt_length is not None:
         max_prompt_length = check_int("max_prompt_length", max_prompt_length, 1)
@@ -198,8 +198,13 @@ def collate_completions(rows: Sequence[dict], pad_token_id: int) -> dict[str, to
     Returns ``input_ids`` (padded with ``pad_token_id``), ``attention_mask`` and
     ``completion_mask`` (1 on completion tokens), each of shape ``(R, T)``, ``T`` the longest row.
     """
+    pad_token_id = check_int("pad_token_id", pad_token_id, 0)
+    if isinstance(rows, (str, bytes)) or not isinstance(rows, Sequence):
+        raise TypeError(f"rows must be a list of dicts, got {type(rows).__name__}")
     if not rows:
         raise ValueError("rows is empty: a batch needs at least one row")
+    for i, row in enumerate(rows):
+        _check_ids(row, f"rows[{i}]", ("prompt_ids", "completion_ids"))
     length = max(len(r["prompt_ids"]) + len(r["completion_ids"]) for r in rows)
     input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
@@ -221,12 +226,39 @@ def collate(pairs: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]
 
     The same layout as TRL's ``DataCollatorForPreference``; see :func:`collate_completions`.
     """
+    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence):
+        raise TypeError(f"pairs must be a list of dicts, got {type(pairs).__name__}")
+    for i, pair in enumerate(pairs):
+        _check_ids(pair, f"pairs[{i}]", ("prompt_ids", "chosen_ids", "rejected_ids"))
     chosen = [{"prompt_ids": p["prompt_ids"], "completion_ids": p["chosen_ids"]} for p in pairs]
     rejected = [{"prompt_ids": p["prompt_ids"], "completion_ids": p["rejected_ids"]} for p in pairs]
     return collate_completions(chosen + rejected, pad_token_id)
 
 
-def check_tokenizer(tokenizer) -> None:
+def _check_ids(row: object, where: str, keys: tuple[str, ...]) -> None:
+    """TypeError naming ``where`` unless ``row`` maps each of ``keys`` to a list of token ids."""
+    if not isinstance(row, Mapping) or set(keys) - set(row):
+        raise TypeError(f"{where} must be a dict with the keys {list(keys)}, got {row!r:.80}")
+    for key in keys:
+        ids = row[key]
+        if not isinstance(ids, (list, tuple)) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids
+        ):
+            raise TypeError(f"{where}[{key!r}] must be a list of token ids (ints >= 0)")
+
+
+def _check_batch(batch: object, keys: tuple[str, ...]) -> None:
+    """TypeError naming ``batch`` unless it is a dict of tensors holding ``keys``."""
+    if not isinstance(batch, Mapping) or not all(
+        isinstance(v, torch.Tensor) for v in batch.values()
+    ):
+        raise TypeError(f"batch must be a dict of tensors, got {type(batch).__name__}")
+    missing = sorted(set(keys) - set(batch))
+    if missing:
+        raise ValueError(f"batch is missing {missing}; collate() builds a batch")
+
+
+def _check_tokenizer(tokenizer) -> None:
     """TypeError unless ``tokenizer`` looks like a Hugging Face tokenizer (callable, with
     ``eos_token`` and ``apply_chat_template``)."""
     if not callable(tokenizer) or not hasattr(tokenizer, "eos_token"):
@@ -236,7 +268,7 @@ def check_tokenizer(tokenizer) -> None:
         )
 
 
-def check_vocabulary(name: str, model, pairs: Sequence[dict], where: str) -> None:
+def _check_vocabulary(name: str, model, pairs: Sequence[dict], where: str) -> None:
     """ValueError when a token id of ``pairs`` is beyond ``model``'s input embedding (a
     tokenizer bigger than the model's vocabulary, or a model built for another tokenizer)."""
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
@@ -365,6 +397,8 @@ def _rows(dataset, name: str):
 
 def batch_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed completion log-probs ``(chosen, rejected)``, each ``(B,)``, from ONE forward pass."""
+    first_parameter("model", model)
+    _check_batch(batch, ("input_ids", "attention_mask", "completion_mask"))
     logits = model(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
     ).logits
@@ -402,6 +436,9 @@ def all_pair_logps(model, pairs, batch_size: int, pad_id: int) -> tuple[torch.Te
     :func:`prepare_pairs`), in order, ``batch_size`` at a time, in eval mode without autograd.
     The model's mode is restored afterwards, even after an error or an interrupt."""
     parameter = first_parameter("model", model)
+    batch_size, pad_id = check_int("batch_size", batch_size, 1), check_int("pad_id", pad_id, 0)
+    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence):
+        raise TypeError(f"pairs must be a list of dicts, got {type(pairs).__name__}")
     if not pairs:
         empty = torch.empty(0, dtype=compute_dtype(parameter.dtype), device=parameter.device)
         return empty, empty.clone()
@@ -423,4 +460,7 @@ def all_pair_logps(model, pairs, batch_size: int, pad_id: int) -> tuple[torch.Te
 
 def to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
     """The batch with every tensor moved to ``device``."""
+    _check_batch(batch, ())
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device must be a torch.device or a string, got {type(device).__name__}")
     return {k: v.to(device) for k, v in batch.items()}

@@ -9,10 +9,10 @@ import torch
 from focalpo_mini._checks import check_int, check_number, first_parameter
 from focalpo_mini.logprobs import sequence_logps
 from focalpo_mini.pairs import (
+    _check_tokenizer,
+    _check_vocabulary,
     _rows,
     check_example,
-    check_tokenizer,
-    check_vocabulary,
     collate_completions,
     pad_token_id,
     tokenize_completion,
@@ -52,7 +52,7 @@ def supervised_finetune(
     max_length, seed = check_int("max_length", max_length, 1), check_int("seed", seed, 0)
     learning_rate = check_number("learning_rate", learning_rate, minimum=0.0, inclusive=False)
     device = first_parameter("model", model).device
-    check_tokenizer(tokenizer)
+    _check_tokenizer(tokenizer)
     seed = check_int("seed", seed, 0, maximum=2**63 - 1)
     if not isinstance(target, str):
         raise TypeError(f"target must be a column name (str), got {type(target).__name__}")
@@ -80,7 +80,7 @@ def supervised_finetune(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no parameter that requires grad: nothing to train")
-    check_vocabulary("model", model, rows, "dataset")
+    _check_vocabulary("model", model, rows, "dataset")
     optimizer = torch.optim.AdamW(params, lr=learning_rate)
     pad_id = pad_token_id(tokenizer)
     model.train()

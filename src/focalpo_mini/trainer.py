@@ -42,10 +42,10 @@ from focalpo_mini.baselines import conservative_dpo_loss, ipo_loss, robust_dpo_l
 from focalpo_mini.losses import dpo_loss, focalpo_loss, preference_logits
 from focalpo_mini.metrics import group_metrics, preference_metrics
 from focalpo_mini.pairs import (
+    _check_tokenizer,
+    _check_vocabulary,
     all_pair_logps,
     batch_logps,
-    check_tokenizer,
-    check_vocabulary,
     collate,
     pad_token_id,
     prepare_pairs,
@@ -311,7 +311,7 @@ def train(
         raise TypeError(f"ref_model must be a torch.nn.Module, got {type(ref_model).__name__}")
     if on_eval is not None and not callable(on_eval):
         raise TypeError(f"on_eval must be a callable or None, got {type(on_eval).__name__}")
-    check_tokenizer(tokenizer)
+    _check_tokenizer(tokenizer)
     pad_id = pad_token_id(tokenizer)
     limits = {"max_length": config.max_length, "max_prompt_length": config.max_prompt_length}
     splits = {
@@ -328,7 +328,7 @@ def train(
             )
     train_split = splits["train"]
     for split_name, split in splits.items():
-        check_vocabulary("model", model, split.pairs, f"{split_name}_dataset")
+        _check_vocabulary("model", model, split.pairs, f"{split_name}_dataset")
     if len(train_split.pairs) < config.batch_size:
         raise ValueError(
             f"train_dataset has {len(train_split.pairs)} usable pair(s), fewer than "
@@ -345,7 +345,7 @@ def train(
         if ref_model is not None:
             first_parameter("ref_model", ref_model)
             for name, split in splits.items():
-                check_vocabulary("ref_model", ref_model, split.pairs, f"{name}_dataset")
+                _check_vocabulary("ref_model", ref_model, split.pairs, f"{name}_dataset")
         for name, split in splits.items():  # the reference: computed once, then only numbers
             try:
                 split.ref_chosen, split.ref_rejected = all_pair_logps(
