@@ -228,6 +228,8 @@ def collate(pairs: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]
     """
     if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence):
         raise TypeError(f"pairs must be a list of dicts, got {type(pairs).__name__}")
+    if not pairs:
+        raise ValueError("pairs is empty: a batch needs at least one pair")
     for i, pair in enumerate(pairs):
         _check_ids(pair, f"pairs[{i}]", ("prompt_ids", "chosen_ids", "rejected_ids"))
     chosen = [{"prompt_ids": p["prompt_ids"], "completion_ids": p["chosen_ids"]} for p in pairs]

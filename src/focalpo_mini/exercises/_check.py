@@ -130,7 +130,7 @@ def read_tensor(name: str, case: str, expected: str, raw: Any) -> tuple[torch.Te
     hint = type_hint(raw, "a tensor")
     if hint is not None:
         failed(name, case, expected, describe(raw), hint)
-    tensor = _real_tensor(name, case, expected, raw, "return a tensor of numbers.")
+    tensor = real_tensor(name, case, expected, raw, "return a tensor of numbers.")
     tensor = to_cpu(name, case, expected, tensor)
     return tensor.to(torch.float64), tensor.dtype
 
@@ -140,7 +140,7 @@ def read_float(name: str, case: str, expected: str, raw: Any) -> tuple[torch.Ten
     hint = type_hint(raw, "a float")
     if hint is not None:
         failed(name, case, expected, describe(raw), hint)
-    tensor = _real_tensor(name, case, expected, raw, "return one float.")
+    tensor = real_tensor(name, case, expected, raw, "return one float.")
     if tensor.numel() != 1:
         failed(
             name,
@@ -153,7 +153,7 @@ def read_float(name: str, case: str, expected: str, raw: Any) -> tuple[torch.Ten
     return tensor.reshape(()).to(torch.float64), tensor.dtype
 
 
-def _real_tensor(name: str, case: str, expected: str, raw: Any, hint: str) -> torch.Tensor:
+def real_tensor(name: str, case: str, expected: str, raw: Any, hint: str) -> torch.Tensor:
     """``raw`` as a real tensor, or a failure: ``hint`` when it holds no numbers, the complex
     hint when it is complex."""
     try:
@@ -162,6 +162,8 @@ def _real_tensor(name: str, case: str, expected: str, raw: Any, hint: str) -> to
         failed(name, case, expected, describe(raw), hint)
     if tensor.is_complex():
         failed(name, case, expected, describe(tensor), COMPLEX_HINT)
+    if tensor.layout != torch.strided:
+        failed(name, case, expected, describe(tensor), "return a dense tensor (.to_dense()).")
     return tensor
 
 

@@ -23,6 +23,7 @@ from focalpo_mini.exercises._check import (
     precision_hint,
     read_float,
     read_tensor,
+    real_tensor,
     to_cpu,
     type_hint,
 )
@@ -256,7 +257,7 @@ def _read_bool(name: str, case: str, expected: str, raw: Any) -> tuple[torch.Ten
     hint = type_hint(raw, want)
     if hint is not None:
         failed(name, case, expected, describe(raw), hint)
-    got = to_cpu(name, case, expected, torch.as_tensor(raw))
+    got = to_cpu(name, case, expected, real_tensor(name, case, expected, raw, f"return {want}."))
     if got.dtype != torch.bool:
         hint = f"return {want}, got dtype {got.dtype}: end with a comparison such as `... > 0`."
         failed(name, case, expected, describe(got), hint)
