@@ -58,8 +58,16 @@ def tokenize_pair(tokenizer, example: dict) -> dict[str, list[int]]:
 
 
 def tokenize_completion(tokenizer, prompt, completion) -> dict[str, list[int]]:
-    """``prompt_ids`` and ``completion_ids`` of one prompt/completion, tokenised like a pair's."""
+    """``prompt_ids`` and ``completion_ids`` of one prompt/completion, tokenised like a pair's.
+
+    Raises TypeError or ValueError, naming ``prompt`` or ``completion``, unless both are strings
+    or both lists of ``{"role", "content"}`` messages, with a non-empty completion."""
     _check_tokenizer(tokenizer)
+    check_example(
+        {"prompt": prompt, "completion": completion},
+        "tokenize_completion",
+        ("prompt", "completion"),
+    )
     prompt_ids, full = _encode(tokenizer, prompt, completion)
     n = _common_prefix(prompt_ids, full)
     return {"prompt_ids": prompt_ids[:n], "completion_ids": full[n:]}

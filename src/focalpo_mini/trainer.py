@@ -242,6 +242,8 @@ def preference_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One batch's loss (mean over pairs) and policy log-probs, as :func:`train` computes them:
     ``(loss, chosen_logps, rejected_logps)``. ``loss.backward()`` gives the step's gradient."""
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     chosen, rejected = batch_logps(model, batch)
     lengths = batch["completion_mask"].sum(dim=1).chunk(2)
     loss = _configured_loss(
