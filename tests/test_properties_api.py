@@ -337,8 +337,98 @@ def test_plot_helpers_keep_the_contract(data):
         plt.close("all")
 
 
-def _fake_result():
+@settings(max_examples=40)
+@given(st.data())
+def test_explorer_and_panels_keep_the_contract(data):
+    n = data.draw(st.integers(1, 5))
+    z = data.draw(logps(n, dtypes=(torch.float32, torch.float64))) / 30.0 + 5.0
+    misranked = torch.tensor(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)))
+    gamma, detach = data.draw(GAMMA), data.draw(st.sampled_from([None, True, False]))
+    kind = data.draw(
+        st.sampled_from(
+            [
+                "weights",
+                "histogram",
+                "shares",
+                "figure",
+                "alt",
+                "frames",
+                "static",
+                "live",
+                "groups",
+            ]
+        )
+    )
+    viz.apply_style()
+    _, ax = plt.subplots()
+    try:
+        if kind == "weights":
+            args = {
+                "ax": ax,
+                "gamma": gamma,
+                "detach": detach,
+                "n_points": data.draw(st.integers(2, 50)),
+            }
+            run(data, viz.plot_gradient_weights, args)
+        elif kind == "histogram":
+            args = {
+                "ax": ax,
+                "z": z,
+                "ref_misranked": misranked,
+                "z_max": data.draw(st.floats(0.5, 10)),
+            }
+            run(data, viz.plot_margin_histogram, args)
+        elif kind == "shares":
+            args = {"ax": ax, "z": z, "ref_misranked": misranked, "gamma": gamma, "detach": detach}
+            result, replaced = run(data, viz.plot_weight_shares, args)
+            if replaced is None:
+                assert all(0.0 <= share <= 1.0 for share in result.values())
+        elif kind == "figure":
+            args = {
+                "gamma": gamma,
+                "z": z,
+                "ref_misranked": misranked,
+                "step": data.draw(st.integers(0, 9)),
+            }
+            run(data, viz.explorer_figure, args)
+        elif kind == "alt":
+            args = {
+                "gamma": gamma,
+                "step": data.draw(st.integers(0, 9)),
+                "z": z,
+                "ref_misranked": misranked,
+            }
+            result, replaced = run(data, viz.explorer_frame_alt, args, positional=("gamma",))
+            assert result is None or isinstance(result, str)
+        elif kind in ("frames", "static", "live"):
+            args = {"margins": {0: z, 4: -z}, "ref_misranked": misranked}
+            if kind == "live":
+                run(data, viz.gamma_explorer, args | {"gamma": gamma})
+            else:
+                first = data.draw(st.floats(0.0, 5.0))
+                extra = {"gammas": [first, first + 1.0], "dpi": 10}
+                fn = viz.explorer_frames if kind == "frames" else viz.gamma_explorer_static
+                run(data, fn, args | extra, aliases={"gammas": ["gamma"]})
+        else:
+            metric = data.draw(st.sampled_from(["reward_accuracy", "ranking_accuracy", "margin"]))
+            args = {
+                "result": _fake_result(groups=True),
+                "metric": metric,
+                "split": "train",
+                "ax": ax,
+            }
+            run(data, viz.plot_groups, args)
+    finally:
+        plt.close("all")
+
+
+def _fake_result(groups: bool = False):
     from focalpo_mini.trainer import TrainConfig, TrainResult
 
     history = [{"step": s, "loss": 1.0 / s, "rewards/accuracies": 0.5} for s in (1, 2)]
+    if groups:
+        for row in history:
+            for group in ("ref_correct", "ref_incorrect"):
+                for metric in ("reward_accuracy", "ranking_accuracy", "margin"):
+                    row[f"groups/{group}/{metric}"] = 0.5
     return TrainResult(history, [], [], TrainConfig(), {})

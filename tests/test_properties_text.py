@@ -309,7 +309,7 @@ def test_every_public_function_is_under_the_contract():
         "test_properties_training.py",
     ):
         text = open(__file__.replace("test_properties_text.py", path), encoding="utf-8").read()
-        covered |= set(re.findall(r"\b([a-z_]+)\b", text))
+        covered |= set(re.findall(r"\b(\w+)\b", text))
     owned = (
         "baselines checkpoint data generation logprobs losses metrics pairs ranking sft stats "
         "tiny trainer trl viz"

@@ -68,6 +68,10 @@ def apply_style() -> None:
     )
 
 
+MAX_INCHES = 50.0
+"""The largest figure side the helpers accept: larger figures take gigabytes to draw."""
+
+
 def new_figure(
     ncols: int = 1, *, width: float = 6.4, height: float = 3.6
 ) -> tuple[Figure, Axes | list[Axes]]:
@@ -84,8 +88,8 @@ def new_figure(
         ValueError: if ``ncols < 1`` or a size is not positive.
     """
     ncols = check_int("ncols", ncols, 1, maximum=100)
-    width = check_number("width", width, minimum=0.0, inclusive=False, maximum=1000.0)
-    height = check_number("height", height, minimum=0.0, inclusive=False, maximum=1000.0)
+    width = check_number("width", width, minimum=0.0, inclusive=False, maximum=MAX_INCHES)
+    height = check_number("height", height, minimum=0.0, inclusive=False, maximum=MAX_INCHES)
     apply_style()
     fig, axes = plt.subplots(1, ncols, figsize=(width, height), layout="constrained")
     return fig, (axes if ncols == 1 else list(axes))
@@ -227,10 +231,10 @@ def plot_gradient_weights(
     Raises:
         TypeError, ValueError: for a bad argument; the message names it.
     """
+    _check_ax(ax)
     gamma = check_number("gamma", gamma, minimum=0.0)
     z_max = check_number("z_max", z_max, minimum=0.0, inclusive=False)
-    if isinstance(n_points, bool) or not isinstance(n_points, int) or n_points < 2:
-        raise ValueError(f"n_points must be an int >= 2, got {n_points!r}")
+    n_points = check_int("n_points", n_points, 2, maximum=100_000)
 
     z = torch.linspace(-z_max, z_max, n_points, dtype=torch.float64)
     ax.axvspan(-z_max, 0.0, color=GREY, alpha=0.12, lw=0)
@@ -299,8 +303,9 @@ def plot_margin_histogram(
     Raises:
         TypeError, ValueError: for a bad argument; the message names it.
     """
+    _check_ax(ax)
     z_max = check_number("z_max", z_max, minimum=0.0, inclusive=False)
-    _check_margins({0: z}, ref_misranked)
+    _check_z(z, ref_misranked)
     clipped = z.detach().double().clamp(-z_max, z_max).numpy()
     misranked = ref_misranked.numpy()
     edges = torch.linspace(-z_max, z_max, 65).numpy()
@@ -343,7 +348,8 @@ def plot_weight_shares(
     Raises:
         TypeError, ValueError: for a bad argument; the message names it.
     """
-    _check_margins({0: z}, ref_misranked)
+    _check_ax(ax)
+    _check_z(z, ref_misranked)
     z = z.detach().double()
     shares = {
         name: weight_share(weight, ref_misranked)
@@ -397,6 +403,8 @@ def explorer_figure(
     """
     check_int("step", step, 0)
     apply_style()
+    width = check_number("width", width, minimum=0.0, inclusive=False, maximum=MAX_INCHES)
+    height = check_number("height", height, minimum=0.0, inclusive=False, maximum=MAX_INCHES)
     fig = plt.figure(figsize=(width, height), layout="constrained")
     grid = fig.add_gridspec(2, 2, width_ratios=(2.6, 1.0), height_ratios=(2.0, 1.0))
     ax = fig.add_subplot(grid[0, 0])
@@ -421,7 +429,7 @@ def explorer_frame_alt(
     """
     gamma = check_number("gamma", gamma, minimum=0.0)
     check_int("step", step, 0)
-    _check_margins({step: z}, ref_misranked)
+    _check_z(z, ref_misranked)
     z = z.detach().double()
     if gamma == 0:
         flip = "at γ = 0 every loss is DPO, so the curves coincide"
@@ -464,6 +472,9 @@ def explorer_frames(
     """PNGs of :func:`explorer_figure`, ``frames[i][j]`` for the i-th step of ``margins`` and
     ``gammas[j]``; 9 x 5 inches at ``dpi`` (648 x 360 pixels at 72 dpi), with the colours
     reduced to a palette to keep the page light."""
+    dpi = check_int("dpi", dpi, 10, maximum=600)
+    if isinstance(gammas, (str, bytes)) or not isinstance(gammas, Sequence) or not gammas:
+        raise TypeError(f"gammas must be a non-empty sequence of numbers, got {_describe(gammas)}")
     _check_margins(margins, ref_misranked)
     frames = []
     for step, z in margins.items():
@@ -521,7 +532,7 @@ def gamma_explorer_static(
         raise ValueError(f"margins must hold at least two steps, got {list(margins)}")
     if not isinstance(run, str):
         raise TypeError(f"run must be a str, got {_describe(run)}")
-    check_int("dpi", dpi, 1)
+    check_int("dpi", dpi, 10, maximum=600)
     steps = list(margins)
     width, height = 9 * dpi, 5 * dpi
     frames = explorer_frames(margins, ref_misranked, gammas=gammas, dpi=dpi)
@@ -632,6 +643,24 @@ def _check_gammas(gammas: Sequence[float]) -> list[float]:
     if len(gammas) < 2 or len(set(gammas)) != len(gammas):
         raise ValueError(f"gammas must hold at least two distinct values, got {gammas}")
     return gammas
+
+
+def _check_ax(ax: object) -> None:
+    if not isinstance(ax, Axes):
+        raise TypeError(f"ax must be a matplotlib Axes, got {type(ax).__name__}")
+
+
+def _check_z(z: torch.Tensor, ref_misranked: torch.Tensor) -> None:
+    """One step's margins ``z``: errors name ``z``, not the margins mapping."""
+    check_float_tensor("z", z, ndim=1)
+    if not bool(torch.isfinite(z).all()):
+        raise ValueError("z holds NaN or infinite values")
+    if isinstance(ref_misranked, torch.Tensor) and z.shape != ref_misranked.shape:
+        raise ValueError(
+            f"z has shape {tuple(z.shape)}, expected {tuple(ref_misranked.shape)} like "
+            "ref_misranked"
+        )
+    _check_margins({0: z}, ref_misranked)
 
 
 def _check_margins(margins: Mapping[int, torch.Tensor], ref_misranked: torch.Tensor) -> None:
@@ -750,6 +779,10 @@ def plot_groups(
     Returns:
         The axes.
     """
+    if ax is not None:
+        _check_ax(ax)
+    if not hasattr(result, "series"):
+        raise TypeError(f"result must be a TrainResult, got {type(result).__name__}")
     if metric not in ("reward_accuracy", "ranking_accuracy", "margin"):
         raise ValueError(
             f"metric must be 'reward_accuracy', 'ranking_accuracy' or 'margin', got {metric!r}"
