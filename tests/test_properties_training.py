@@ -389,3 +389,12 @@ def test_pair_helpers_under_a_model_keep_the_contract(tokenizer, data_):
             call(result.series, ["split"], "loss", split=garbage)
         except KeyError as error:  # an unknown metric is a KeyError, like a dict's
             assert "loss" in str(error) or "metric" in str(error)
+
+
+@settings(max_examples=20)
+@given(args=ANYTHING.filter(lambda value: value is not None))
+def test_focalpo_trainer_names_args_it_refuses(tokenizer, focal_config, args):
+    from focalpo_mini.trl import FocalPOTrainer
+
+    dataset = make_preference_dataset(4, seed=0)
+    call(FocalPOTrainer, ["args"], small(tokenizer), args=args, train_dataset=dataset)

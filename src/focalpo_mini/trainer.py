@@ -284,9 +284,15 @@ def train(
     The reference is ``model`` as given (or ``ref_model``, used once for the cache): its
     log-probs of every pair are computed before the first step and cached. ``resume_from`` is a
     checkpoint file or directory written by an earlier run with the same config (fields in
-    ``checkpoint.RESUMABLE_FIELDS`` may differ) and the same data. ``on_eval(step, model)``, if
-    given, is called after each evaluation of the eval split (for measurements of your own, such
-    as generating answers); the model is put back in training mode after it returns.
+    ``checkpoint.RESUMABLE_FIELDS`` may differ), the same model (class, config, module settings,
+    parameter shapes and dtypes), the same tokenizer and the same data; a resume refuses
+    (ValueError) naming what differs. A callable ``loss`` cannot be identified: another name or
+    code is refused, but two callables with the same code may still read different values
+    (closures, globals, partial arguments), so a resume with one warns. ``on_eval(step, model)``,
+    if given, is called after each evaluation of the eval split (for measurements of your own,
+    such as generating answers); the model is put back in training mode after it returns. The
+    random state is checkpointed after the evaluation and ``on_eval``, so a resumed run is the
+    uninterrupted one bit for bit (on a CPU) whatever ``on_eval`` draws and with dropout on.
 
     Interrupts. Ctrl-C (SIGINT) takes effect at the end of the current step, after its log row,
     evaluation and checkpoint: the state is checkpointed (with ``checkpoint_dir``) and
