@@ -138,3 +138,14 @@ def trl_step_zero(tokenizer, tmp_path_factory):
         }
 
     return run
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How many calls the property suites made under the contract (tests/_contract.py), by
+    outcome: returned and checked, or refused with an error naming the argument."""
+    import sys
+
+    contract = sys.modules.get("_contract")
+    if contract is not None and contract.TALLY:
+        tally = dict(contract.TALLY)
+        terminalreporter.write_line(f"contract calls: {sum(tally.values())} {tally}")
