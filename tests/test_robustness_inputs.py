@@ -404,7 +404,7 @@ def test_callable_losses_are_told_apart_by_name_and_code_never_by_printed_values
 def test_pair_helpers_name_what_is_wrong(tokenizer):
     from focalpo_mini.pairs import collate, tokenize_pair
 
-    with pytest.raises(ValueError, match="rows is empty"):
+    with pytest.raises(ValueError, match="pairs is empty"):
         collate([], 0)
     with pytest.raises(TypeError, match="example: prompt must be a string"):
         tokenize_pair(tokenizer, {"prompt": None, "chosen": "1", "rejected": "2"})
