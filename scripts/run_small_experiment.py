@@ -53,6 +53,7 @@ import datasets
 import torch
 import transformers
 
+from focalpo_mini.checkpoint import write_atomically
 from focalpo_mini.data import make_preference_dataset, true_reward
 from focalpo_mini.generation import answer_quality, greedy_answers, sampled_kl
 from focalpo_mini.pairs import pair_logps
@@ -533,9 +534,8 @@ def main(argv: list[str] | None = None) -> None:
         record["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         record["wall_seconds"] = time.perf_counter() - start
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out + ".tmp", "w") as f:
-            json.dump(record, f, indent=1)
-        os.replace(args.out + ".tmp", args.out)
+        # a new exclusive temporary file, then a rename: never through a planted link
+        write_atomically(args.out, json.dumps(record, indent=1).encode())
         print(f"[{record['wall_seconds']:.0f} s] wrote {args.out} ({stage})", flush=True)
 
     grid = tuple((m.name, lr, cfg.noise) for m in METHODS for lr in cfg.lr_grid)

@@ -377,7 +377,7 @@ def test_metrics_of_mixed_devices_name_the_argument():
 # --- Checkpoint identity of callable losses --------------------------------------------------
 
 
-def test_different_lambdas_and_partials_have_different_identities():
+def test_callable_losses_are_told_apart_by_name_and_code_never_by_printed_values():
     import functools
 
     def loss_a(*logps, **kwargs):
@@ -385,19 +385,26 @@ def test_different_lambdas_and_partials_have_different_identities():
 
     first = lambda *a, **k: focalpo_loss(*a, **k)  # noqa: E731
     second = lambda *a, **k: dpo_loss(*a[:4], beta=k["beta"])  # noqa: E731
-    identity = checkpoint.callable_identity
-    assert identity(first) != identity(second)
-    assert identity(first) == identity(first)
-    partial_1 = functools.partial(loss_a, gamma_scale=1)
-    assert identity(partial_1) != identity(functools.partial(loss_a, gamma_scale=2))
-    assert identity(partial_1) == identity(functools.partial(loss_a, gamma_scale=1))
-    assert identity(functools.partial(focalpo_loss)) != identity(functools.partial(dpo_loss))
+
+    def record(loss):
+        return checkpoint.config_record(TrainConfig(loss=loss))["loss"]
+
+    def differ(a, b):
+        return checkpoint._loss_difference(record(a), record(b))
+
+    assert differ(first, second) and "code differs" in differ(first, second)
+    assert differ(first, first) is None
+    assert differ(functools.partial(loss_a, s=1), functools.partial(loss_a, s=2)) is None
+    assert "name differs" in differ(functools.partial(focalpo_loss), functools.partial(dpo_loss))
+    assert "name differs" in differ(loss_a, first)
+    for loss in (first, functools.partial(loss_a, s=1)):  # plain types only
+        assert set(map(type, record(loss).values())) <= {str, type(None)}
 
 
 def test_pair_helpers_name_what_is_wrong(tokenizer):
     from focalpo_mini.pairs import collate, tokenize_pair
 
-    with pytest.raises(ValueError, match="rows is empty"):
+    with pytest.raises(ValueError, match="pairs is empty"):
         collate([], 0)
     with pytest.raises(TypeError, match="example: prompt must be a string"):
         tokenize_pair(tokenizer, {"prompt": None, "chosen": "1", "rejected": "2"})

@@ -39,15 +39,25 @@ def check_reduction(reduction: object) -> None:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
-def check_flag(name: str, value: object) -> None:
+def check_flag(name: str, value: object) -> bool:
+    """Return ``value`` as a Python bool if it is ``True``/``False`` or a NumPy bool; numbers and
+    strings such as ``1`` or ``"no"`` are refused."""
+    if type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool"):
+        return bool(value)
     if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return value
 
 
 def check_float_tensor(name: str, tensor: object, ndim: int | None = None) -> None:
     """A non-empty floating-point tensor, with ``ndim`` dimensions when given."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.layout != torch.strided:
+        raise TypeError(
+            f"{name} must be a dense (strided) tensor, got layout {tensor.layout}; "
+            "call .to_dense() first"
+        )
     if not tensor.is_floating_point():
         raise TypeError(f"{name} must have a floating-point dtype, got {tensor.dtype}")
     if ndim is not None and tensor.dim() != ndim:
@@ -114,13 +124,24 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in HALF_DTYPES else dtype
 
 
-def check_int(name: str, value: object, minimum: int) -> int:
+def check_int(name: str, value: object, minimum: int, maximum: int | None = None) -> int:
     """Return ``value`` as a Python int if it is an integer (``int`` or a NumPy integer, not
-    ``bool``) of at least ``minimum``."""
+    ``bool``) of at least ``minimum`` (and at most ``maximum`` when given)."""
+    bound = f">= {minimum}" + ("" if maximum is None else f" and <= {maximum}")
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(
-            f"{name} must be an integer >= {minimum}, got {type(value).__name__} {value!r}"
-        )
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+        raise TypeError(f"{name} must be an integer {bound}, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if value < minimum or (maximum is not None and value > maximum):
+        raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
+    return value
+
+
+def first_parameter(name: str, model: object) -> torch.Tensor:
+    """The first parameter of ``model`` (its device and dtype are the model's); TypeError for a
+    non-module, ValueError for a module without parameters."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"{name} must be a torch.nn.Module, got {type(model).__name__}")
+    parameter = next(iter(model.parameters()), None)
+    if parameter is None:
+        raise ValueError(f"{name} ({type(model).__name__}) has no parameters")
+    return parameter

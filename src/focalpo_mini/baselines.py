@@ -23,7 +23,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from focalpo_mini._checks import check_number, check_reduction, check_same_shape
+from focalpo_mini._checks import (
+    NonFiniteError,
+    check_finite,
+    check_number,
+    check_reduction,
+    check_same_device,
+    check_same_shape,
+)
 from focalpo_mini.losses import _preference_logits, _reduce
 
 
@@ -119,6 +126,10 @@ def ipo_loss(
 
     Returns:
         The loss in the promoted dtype of the inputs (float32 for half precision).
+
+    Raises:
+        TypeError, ValueError: for a bad argument (lengths must be finite, real and dense);
+            NonFiniteError (a ValueError) naming beta when the loss overflows the dtype.
     """
     beta = check_number("beta", beta, minimum=0.0, inclusive=False)
     check_reduction(reduction)
@@ -131,7 +142,14 @@ def ipo_loss(
     ):
         if not isinstance(lengths, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(lengths).__name__}")
+        if lengths.layout != torch.strided or lengths.is_complex() or lengths.dtype == torch.bool:
+            raise TypeError(
+                f"{name} must be a dense real tensor of token counts, got {lengths.dtype} "
+                f"({lengths.layout})"
+            )
         check_same_shape("policy_chosen_logps", policy_chosen_logps, **{name: lengths})
+        check_same_device(policy_chosen_logps=policy_chosen_logps, **{name: lengths})
+        check_finite(**{name: lengths})
     # dtype is already the compute dtype (float32 for half inputs), as for every loss here
     chosen = (policy_chosen_logps.to(dtype) - ref_chosen_logps.to(dtype)) / chosen_lengths.to(
         dtype
@@ -139,5 +157,11 @@ def ipo_loss(
     rejected = (
         policy_rejected_logps.to(dtype) - ref_rejected_logps.to(dtype)
     ) / rejected_lengths.to(dtype).clamp(min=1.0)
-    loss = (chosen - rejected - 1.0 / (2.0 * beta)) ** 2
-    return _reduce(loss, reduction).to(dtype)
+    loss = _reduce((chosen - rejected - 1.0 / (2.0 * beta)) ** 2, reduction).to(dtype)
+    if not bool(torch.isfinite(loss).all()):
+        raise NonFiniteError(
+            f"the IPO loss overflows {dtype}, with beta = {beta}: the squared distance of the "
+            "per-token log-ratio difference from 1 / (2 beta) must stay below "
+            f"{torch.finfo(dtype).max:.3g} (log-probs or 1 / beta too large)"
+        )
+    return loss

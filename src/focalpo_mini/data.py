@@ -21,7 +21,11 @@ def true_reward(prompt: str, completion: str) -> float:
 
     For a permutation of the prompt's digits the reward is ``1 - inversions / max_inversions``:
     1.0 when sorted ascending, 0.0 when sorted descending. Anything that is not a permutation of
-    the prompt's digits (a digit missing, added or repeated, or stray text) gets -1.0.
+    the prompt's digits (a digit missing, added or repeated, or stray text) gets -1.0. Only the
+    ASCII digits 0-9 are digits: any other text, other scripts' digits ("١ ٢ ٣", "１ ２ ３") and
+    superscripts included, is an invalid answer (-1.0), and an invalid prompt gives -1.0 too.
+    Any string is accepted and never raises; a value that is neither a string nor a list of
+    ``{"role", "content"}`` messages raises TypeError naming ``prompt`` or ``completion``.
 
     >>> true_reward("sort: 3 1 2\\n", "1 2 3")
     1.0
@@ -67,7 +71,7 @@ def make_preference_dataset(
     n = check_int("n", n, 1)
     noise = check_number("noise", noise, minimum=0.0, maximum=1.0)
     seed = check_int("seed", seed, 0)
-    check_flag("conversational", conversational)
+    conversational = check_flag("conversational", conversational)
     min_len, max_len = check_int("min_len", min_len, 2), check_int("max_len", max_len, 2)
     if not 2 <= min_len <= max_len <= 10:
         raise ValueError(
@@ -90,7 +94,12 @@ def make_preference_dataset(
 
 
 def tokenizer_corpus(n: int = 4000, *, seed: int = 1234) -> list[str]:
-    """Texts of the sorting task (a prompt and a completion each) to train the tokenizer on."""
+    """Texts of the sorting task (a prompt and a completion each) to train the tokenizer on.
+
+    Raises:
+        TypeError, ValueError: unless ``n`` is an integer >= 1 and ``seed`` one >= 0.
+    """
+    n, seed = check_int("n", n, 1), check_int("seed", seed, 0)
     rng = random.Random(seed)
     texts = []
     for _ in range(n):
@@ -104,6 +113,8 @@ def _message_text(name: str, value) -> str:
     """A string, or the content of the last message of a conversational value."""
     if isinstance(value, list) and value and isinstance(value[-1], dict):
         value = value[-1].get("content")
+    elif isinstance(value, str):
+        value = str(value)  # a NumPy string becomes a plain one
     if not isinstance(value, str):
         raise TypeError(
             f"{name} must be a string or a list of {{'role', 'content'}} messages, "
@@ -144,11 +155,16 @@ def _fmt(digits: list[int]) -> str:
     return " ".join(str(d) for d in digits)
 
 
+ASCII_DIGITS = "0123456789"
+
+
 def _parse_digits(text: str) -> list[int] | None:
+    """The single ASCII digits of ``text`` separated by whitespace, or None for any other text
+    (other scripts' digits such as "١" or "１", superscripts such as "²", and "12" included)."""
     parts = text.split()
-    if not parts or not all(len(p) == 1 and p.isdigit() for p in parts):
+    if not parts or not all(len(p) == 1 and p in ASCII_DIGITS for p in parts):
         return None
-    return [int(p) for p in parts]
+    return [ASCII_DIGITS.index(p) for p in parts]
 
 
 def _inversions(seq: list[int]) -> int:

@@ -14,9 +14,25 @@ import statistics
 
 import torch
 
-from focalpo_mini._checks import compute_dtype
+from focalpo_mini._checks import check_int, compute_dtype, first_parameter
 from focalpo_mini.data import true_reward
-from focalpo_mini.pairs import pad_token_id
+from focalpo_mini.pairs import _check_tokenizer, pad_token_id
+
+
+def _texts(name: str, values: object, *, allow_empty: bool = False) -> list[str]:
+    """``values`` as a list of str: a list or tuple of strings (NumPy strings included); a single
+    string is refused, since iterating it would give one prompt per character."""
+    if isinstance(values, str) or not isinstance(values, (list, tuple)):
+        hint = f" (for one text, pass [{values!r}])" if isinstance(values, str) else ""
+        raise TypeError(f"{name} must be a list of strings, got {type(values).__name__}{hint}")
+    bad = next((i for i, v in enumerate(values) if not isinstance(v, str)), None)
+    if bad is not None:
+        raise TypeError(
+            f"{name}[{bad}] must be a string, got {type(values[bad]).__name__} {values[bad]!r}"
+        )
+    if not values and not allow_empty:
+        raise ValueError(f"{name} must not be empty")
+    return [str(v) for v in values]
 
 
 def _left_padded(tokenizer, prompts: list[str], device) -> dict[str, torch.Tensor]:
@@ -39,26 +55,44 @@ def greedy_answers(
 
     Batches are left-padded so that every prompt ends where generation starts; a test checks that
     each answer equals the one generated for its prompt alone. The model is left in the mode it
-    was in.
+    was in, even when generation raises.
+
+    Raises:
+        TypeError, ValueError: for a bad argument (``prompts`` must be a non-empty list of
+            strings, not one string; ``max_new_tokens`` and ``batch_size`` integers >= 1).
     """
-    if not prompts:
-        raise ValueError("prompts must not be empty")
-    was_training, device = model.training, next(model.parameters()).device
+    prompts = _texts("prompts", prompts)
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
+    batch_size = check_int("batch_size", batch_size, 1)
+    device = first_parameter("model", model).device
+    _check_tokenizer(tokenizer)
+    _check_prompt_tokens(tokenizer, prompts)
+    was_training = model.training
     model.eval()
     answers = []
-    for start in range(0, len(prompts), batch_size):
-        inputs = _left_padded(tokenizer, prompts[start : start + batch_size], device)
-        output = model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad_token_id(tokenizer),
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        new = output[:, inputs["input_ids"].shape[1] :]
-        answers += tokenizer.batch_decode(new, skip_special_tokens=True)
-    model.train(was_training)
+    try:
+        for start in range(0, len(prompts), batch_size):
+            inputs = _left_padded(tokenizer, prompts[start : start + batch_size], device)
+            output = model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad_token_id(tokenizer),
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            new = output[:, inputs["input_ids"].shape[1] :]
+            answers += tokenizer.batch_decode(new, skip_special_tokens=True)
+    finally:
+        model.train(was_training)
     return [a.strip() for a in answers]
+
+
+def _check_prompt_tokens(tokenizer, prompts: list[str]) -> None:
+    empty = next((i for i, p in enumerate(prompts) if not tokenizer(text=p)["input_ids"]), None)
+    if empty is not None:
+        raise ValueError(
+            f"prompts[{empty}] = {prompts[empty]!r} tokenises to no token: nothing to continue"
+        )
 
 
 def answer_quality(
@@ -70,7 +104,15 @@ def answer_quality(
     ``invalid`` (fraction that is not a permutation of the prompt's digits, reward -1) and, with
     ``baseline_answers`` to the same prompts, ``win_rate``: the fraction of prompts on which the
     answer's true reward beats the baseline's, ties counting one half.
+
+    Raises:
+        TypeError: unless ``prompts``, ``answers`` and ``baseline_answers`` are lists (or
+            tuples) of strings; a single string is refused.
+        ValueError: for no prompts, or not one answer per prompt.
     """
+    prompts, answers = _texts("prompts", prompts), _texts("answers", answers, allow_empty=True)
+    if baseline_answers is not None:
+        baseline_answers = _texts("baseline_answers", baseline_answers, allow_empty=True)
     if len(answers) != len(prompts) or not prompts:
         raise ValueError(
             f"need one answer per prompt, got {len(answers)} answers for {len(prompts)} prompts"
@@ -111,11 +153,33 @@ def sampled_kl(
     ``max_new_tokens``); the estimate is the mean of log pi_theta(y|x) - log pi_ref(y|x) over
     them, with both log-probs summed over the sampled tokens, eos included. It is unbiased for
     the KL of the truncated completions; single samples are noisy, so it is read as a mean over
-    many prompts. Sampling uses its own generator state (``seed``); the global RNG is restored.
+    many prompts. Sampling uses its own generator state (``seed``); the global RNG is restored,
+    and so are the modes (training or eval) of ``model`` and ``reference``, even when it raises.
+
+    Raises:
+        TypeError, ValueError: for a bad argument (``prompts`` a non-empty list of strings;
+            ``seed`` an integer >= 0; ``max_new_tokens``, ``batch_size`` integers >= 1).
     """
-    was_training, device = model.training, next(model.parameters()).device
-    model.eval()
-    reference.eval()
+    prompts = _texts("prompts", prompts)
+    seed = check_int("seed", seed, 0, maximum=2**63 - 1)
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
+    batch_size = check_int("batch_size", batch_size, 1)
+    first_parameter("model", model)
+    first_parameter("reference", reference)
+    _check_tokenizer(tokenizer)
+    _check_prompt_tokens(tokenizer, prompts)
+    modes = [(m, m.training) for m in (model, reference)]
+    try:
+        model.eval()
+        reference.eval()
+        return _sampled_kl(model, reference, tokenizer, prompts, seed, max_new_tokens, batch_size)
+    finally:
+        for module, was_training in modes:
+            module.train(was_training)
+
+
+def _sampled_kl(model, reference, tokenizer, prompts, seed, max_new_tokens, batch_size) -> float:
+    device = next(model.parameters()).device
     pad, eos = pad_token_id(tokenizer), tokenizer.eos_token_id
     total = 0.0
     with torch.random.fork_rng(devices=[]):
@@ -145,7 +209,6 @@ def sampled_kl(
                     - _token_logps(reference, output, attention, mask)
                 ).sum()
             )
-    model.train(was_training)
     return total / len(prompts)
 
 

@@ -57,7 +57,7 @@ def sequence_logps(
         >>> sequence_logps(logits, labels, mask)  # 2 * log(1/4)
         tensor([-2.7726])
     """
-    check_flag("average", average)
+    average = check_flag("average", average)
     check_float_tensor("logits", logits, ndim=3)
     batch, length, vocab = logits.shape
     _check_index_tensor("labels", labels, (batch, length), bool_ok=False)
@@ -92,6 +92,8 @@ def _check_index_tensor(
 ) -> None:
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {tensor.layout}")
     integer = not tensor.is_floating_point() and not tensor.is_complex()
     if not integer or (tensor.dtype == torch.bool and not bool_ok):
         expected = "a bool or integer" if bool_ok else "an integer"

@@ -206,7 +206,7 @@ def focalpo_loss(
         TypeError, ValueError: for a bad argument; the message names it.
     """
     gamma = check_number("gamma", gamma, minimum=0.0)
-    check_flag("detach_weight", detach_weight)
+    detach_weight = check_flag("detach_weight", detach_weight)
     check_reduction(reduction)
     z, _ = _preference_logits(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=beta
@@ -249,7 +249,7 @@ def gradient_weight(
         TypeError, ValueError: for a bad argument; the message names it.
     """
     gamma = check_number("gamma", gamma, minimum=0.0)
-    check_flag("detach_weight", detach_weight)
+    detach_weight = check_flag("detach_weight", detach_weight)
     check_float_tensor("z", z)
     check_finite(z=z)
     dtype = compute_dtype(z.dtype)

@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from focalpo_mini._checks import check_int, compute_dtype
+from focalpo_mini._checks import check_int, compute_dtype, first_parameter
 from focalpo_mini.logprobs import sequence_logps
 
 REQUIRED_COLUMNS = ("prompt", "chosen", "rejected")
@@ -45,6 +45,7 @@ def tokenize_pair(tokenizer, example: dict) -> dict[str, list[int]]:
     Raises:
         TypeError, ValueError: for an example :func:`check_example` refuses.
     """
+    _check_tokenizer(tokenizer)
     check_example(example, "example")
     prompt_ids, chosen_full = _encode(tokenizer, example["prompt"], example["chosen"])
     _, rejected_full = _encode(tokenizer, example["prompt"], example["rejected"])
@@ -57,7 +58,16 @@ def tokenize_pair(tokenizer, example: dict) -> dict[str, list[int]]:
 
 
 def tokenize_completion(tokenizer, prompt, completion) -> dict[str, list[int]]:
-    """``prompt_ids`` and ``completion_ids`` of one prompt/completion, tokenised like a pair's."""
+    """``prompt_ids`` and ``completion_ids`` of one prompt/completion, tokenised like a pair's.
+
+    Raises TypeError or ValueError, naming ``prompt`` or ``completion``, unless both are strings
+    or both lists of ``{"role", "content"}`` messages, with a non-empty completion."""
+    _check_tokenizer(tokenizer)
+    check_example(
+        {"prompt": prompt, "completion": completion},
+        "tokenize_completion",
+        ("prompt", "completion"),
+    )
     prompt_ids, full = _encode(tokenizer, prompt, completion)
     n = _common_prefix(prompt_ids, full)
     return {"prompt_ids": prompt_ids[:n], "completion_ids": full[n:]}
@@ -89,9 +99,12 @@ def prepare_pairs(
         ``truncated``, ``dropped_prompt_too_long``, ``prompt_tokens_cut``,
         ``completion_tokens_cut``.
     """
-    check_int("max_length", max_length, 1)
+    _check_tokenizer(tokenizer)
+    max_length = check_int("max_length", max_length, 1)
     if max_prompt_length is not None:
-        check_int("max_prompt_length", max_prompt_length, 1)
+        max_prompt_length = check_int("max_prompt_length", max_prompt_length, 1)
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a string, got {type(name).__name__}")
     examples = _rows(dataset, name)
     stats = dict.fromkeys(
         (
@@ -171,6 +184,11 @@ def check_example(example, where: str, columns: Sequence[str] = REQUIRED_COLUMNS
                 f"{where}: {column} must be a string or a list of {{'role', 'content'}} "
                 f"messages, got {type(value).__name__} {value!r}"
             )
+    if isinstance(example[columns[0]], list) and not example[columns[0]]:
+        raise ValueError(
+            f"{where}: {columns[0]} is an empty list of messages; a conversational prompt needs "
+            "at least one message"
+        )
     if len(set(kinds.values())) > 1:
         found = ", ".join(f"{c} is {k}" for c, k in kinds.items())
         raise ValueError(
@@ -188,8 +206,13 @@ def collate_completions(rows: Sequence[dict], pad_token_id: int) -> dict[str, to
     Returns ``input_ids`` (padded with ``pad_token_id``), ``attention_mask`` and
     ``completion_mask`` (1 on completion tokens), each of shape ``(R, T)``, ``T`` the longest row.
     """
+    pad_token_id = check_int("pad_token_id", pad_token_id, 0)
+    if isinstance(rows, (str, bytes)) or not isinstance(rows, Sequence):
+        raise TypeError(f"rows must be a list of dicts, got {type(rows).__name__}")
     if not rows:
         raise ValueError("rows is empty: a batch needs at least one row")
+    for i, row in enumerate(rows):
+        _check_ids(row, f"rows[{i}]", ("prompt_ids", "completion_ids"))
     length = max(len(r["prompt_ids"]) + len(r["completion_ids"]) for r in rows)
     input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
@@ -211,9 +234,64 @@ def collate(pairs: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]
 
     The same layout as TRL's ``DataCollatorForPreference``; see :func:`collate_completions`.
     """
+    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence):
+        raise TypeError(f"pairs must be a list of dicts, got {type(pairs).__name__}")
+    if not pairs:
+        raise ValueError("pairs is empty: a batch needs at least one pair")
+    for i, pair in enumerate(pairs):
+        _check_ids(pair, f"pairs[{i}]", ("prompt_ids", "chosen_ids", "rejected_ids"))
     chosen = [{"prompt_ids": p["prompt_ids"], "completion_ids": p["chosen_ids"]} for p in pairs]
     rejected = [{"prompt_ids": p["prompt_ids"], "completion_ids": p["rejected_ids"]} for p in pairs]
     return collate_completions(chosen + rejected, pad_token_id)
+
+
+def _check_ids(row: object, where: str, keys: tuple[str, ...]) -> None:
+    """TypeError naming ``where`` unless ``row`` maps each of ``keys`` to a list of token ids."""
+    if not isinstance(row, Mapping) or set(keys) - set(row):
+        raise TypeError(f"{where} must be a dict with the keys {list(keys)}, got {row!r:.80}")
+    for key in keys:
+        ids = row[key]
+        if not isinstance(ids, (list, tuple)) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids
+        ):
+            raise TypeError(f"{where}[{key!r}] must be a list of token ids (ints >= 0)")
+
+
+def _check_batch(batch: object, keys: tuple[str, ...]) -> None:
+    """TypeError naming ``batch`` unless it is a dict of tensors holding ``keys``."""
+    if not isinstance(batch, Mapping) or not all(
+        isinstance(v, torch.Tensor) for v in batch.values()
+    ):
+        raise TypeError(f"batch must be a dict of tensors, got {type(batch).__name__}")
+    missing = sorted(set(keys) - set(batch))
+    if missing:
+        raise ValueError(f"batch is missing {missing}; collate() builds a batch")
+
+
+def _check_tokenizer(tokenizer) -> None:
+    """TypeError unless ``tokenizer`` looks like a Hugging Face tokenizer (callable, with
+    ``eos_token`` and ``apply_chat_template``)."""
+    if not callable(tokenizer) or not hasattr(tokenizer, "eos_token"):
+        raise TypeError(
+            "tokenizer must be a Hugging Face tokenizer (callable, with an eos_token), got "
+            f"{type(tokenizer).__name__}"
+        )
+
+
+def _check_vocabulary(name: str, model, pairs: Sequence[dict], where: str) -> None:
+    """ValueError when a token id of ``pairs`` is beyond ``model``'s input embedding (a
+    tokenizer bigger than the model's vocabulary, or a model built for another tokenizer)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embeddings, "num_embeddings", None)
+    if rows is None or not pairs:
+        return
+    largest = max(max(p[k], default=-1) for p in pairs for k in p)
+    if largest >= rows:
+        raise ValueError(
+            f"{where} has token id {largest}, but {name}'s input embedding has only {rows} rows: "
+            f"the tokenizer's vocabulary is larger than the model's; build the model for this "
+            "tokenizer (focalpo_mini.make_model(tokenizer))"
+        )
 
 
 def pad_token_id(tokenizer) -> int:
@@ -237,6 +315,11 @@ def _encode(tokenizer, prompt, completion) -> tuple[list[int], list[int]]:
             )["input_ids"]
 
         return ids(prompt, add_generation_prompt=True), ids(prompt + completion)
+    if not isinstance(tokenizer.eos_token, str) or not tokenizer.eos_token:
+        raise ValueError(
+            f"tokenizer has no eos_token (got {tokenizer.eos_token!r}); plain-text pairs need one, "
+            "since it ends every completion: set tokenizer.eos_token"
+        )
     if not completion.endswith(tokenizer.eos_token):
         completion = completion + tokenizer.eos_token
     return tokenizer(text=prompt)["input_ids"], tokenizer(text=prompt + completion)["input_ids"]
@@ -324,6 +407,8 @@ def _rows(dataset, name: str):
 
 def batch_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed completion log-probs ``(chosen, rejected)``, each ``(B,)``, from ONE forward pass."""
+    first_parameter("model", model)
+    _check_batch(batch, ("input_ids", "attention_mask", "completion_mask"))
     logits = model(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
     ).logits
@@ -345,7 +430,8 @@ def pair_logps(
     :func:`prepare_pairs` skips (chosen == rejected, or a prompt that fills ``max_length``).
     An empty dataset gives two empty tensors.
     """
-    check_int("batch_size", batch_size, 1)
+    batch_size = check_int("batch_size", batch_size, 1)
+    first_parameter("model", model)
     pairs, rows, _ = prepare_pairs(
         tokenizer, dataset, max_length=max_length, max_prompt_length=max_prompt_length
     )
@@ -359,7 +445,10 @@ def all_pair_logps(model, pairs, batch_size: int, pad_id: int) -> tuple[torch.Te
     """Chosen and rejected log-probs, each ``(len(pairs),)``, of tokenised ``pairs`` (from
     :func:`prepare_pairs`), in order, ``batch_size`` at a time, in eval mode without autograd.
     The model's mode is restored afterwards, even after an error or an interrupt."""
-    parameter = next(model.parameters())
+    parameter = first_parameter("model", model)
+    batch_size, pad_id = check_int("batch_size", batch_size, 1), check_int("pad_id", pad_id, 0)
+    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence):
+        raise TypeError(f"pairs must be a list of dicts, got {type(pairs).__name__}")
     if not pairs:
         empty = torch.empty(0, dtype=compute_dtype(parameter.dtype), device=parameter.device)
         return empty, empty.clone()
@@ -381,4 +470,7 @@ def all_pair_logps(model, pairs, batch_size: int, pad_id: int) -> tuple[torch.Te
 
 def to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
     """The batch with every tensor moved to ``device``."""
+    _check_batch(batch, ())
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device must be a torch.device or a string, got {type(device).__name__}")
     return {k: v.to(device) for k, v in batch.items()}

@@ -213,7 +213,7 @@ def gradient_share(
     Raises:
         TypeError, ValueError: for a bad argument; the message names it.
     """
-    check_flag("detach_weight", detach_weight)
+    detach_weight = check_flag("detach_weight", detach_weight)
     weight = gradient_weight(z, gamma=gamma, detach_weight=detach_weight).abs()
     _check_bool_pair(group=group)
     if group.shape != z.shape:

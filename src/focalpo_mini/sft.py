@@ -6,9 +6,11 @@ import warnings
 
 import torch
 
-from focalpo_mini._checks import check_int, check_number
+from focalpo_mini._checks import check_int, check_number, first_parameter
 from focalpo_mini.logprobs import sequence_logps
 from focalpo_mini.pairs import (
+    _check_tokenizer,
+    _check_vocabulary,
     _rows,
     check_example,
     collate_completions,
@@ -48,7 +50,10 @@ def supervised_finetune(
     """
     steps, batch_size = check_int("steps", steps, 1), check_int("batch_size", batch_size, 1)
     max_length, seed = check_int("max_length", max_length, 1), check_int("seed", seed, 0)
-    check_number("learning_rate", learning_rate, minimum=0.0, inclusive=False)
+    learning_rate = check_number("learning_rate", learning_rate, minimum=0.0, inclusive=False)
+    device = first_parameter("model", model).device
+    _check_tokenizer(tokenizer)
+    seed = check_int("seed", seed, 0, maximum=2**63 - 1)
     if not isinstance(target, str):
         raise TypeError(f"target must be a column name (str), got {type(target).__name__}")
     examples = _rows(dataset, "dataset")
@@ -72,8 +77,10 @@ def supervised_finetune(
         raise ValueError("dataset has no usable row")
 
     generator = torch.Generator().manual_seed(seed)
-    device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no parameter that requires grad: nothing to train")
+    _check_vocabulary("model", model, rows, "dataset")
     optimizer = torch.optim.AdamW(params, lr=learning_rate)
     pad_id = pad_token_id(tokenizer)
     model.train()

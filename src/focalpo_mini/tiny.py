@@ -10,7 +10,10 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from focalpo_mini._checks import check_int
 from focalpo_mini.data import tokenizer_corpus
+
+MAX_VOCAB_SIZE = 1_000_000
 
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|user|>", "<|assistant|>", "<|system|>"]
 
@@ -42,12 +45,12 @@ def make_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     pad/bos/eos tokens and a chat template, so TRL accepts both plain and conversational data.
     ``vocab_size`` is an upper bound: BPE stops adding merges when the corpus offers no more, so
     the learned vocabulary can be smaller; ``len(tokenizer)`` is its true size.
+
+    Raises:
+        TypeError, ValueError: unless ``vocab_size`` is an integer from 262 (the 256 bytes and
+            the special tokens) to ``MAX_VOCAB_SIZE``.
     """
-    if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise ValueError(
-            f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} for a byte-level BPE, "
-            f"got {vocab_size}"
-        )
+    vocab_size = check_int("vocab_size", vocab_size, 256 + len(SPECIAL_TOKENS), MAX_VOCAB_SIZE)
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -79,20 +82,36 @@ def make_model(
     ``LlamaConfig`` can be overridden, e.g. ``make_model(tok, num_hidden_layers=2)``.
 
     Raises:
-        ValueError: if an override is not a ``LlamaConfig`` field.
+        TypeError: if ``tokenizer`` is not a tokenizer (it needs ``len()`` and pad/bos/eos token
+            ids) or ``seed`` not an integer.
+        ValueError: if an override is not a ``LlamaConfig`` field, or the overrides do not build
+            a model (the message names them); if ``seed`` is negative.
     """
+    if not hasattr(tokenizer, "__len__") or not hasattr(tokenizer, "pad_token_id"):
+        raise TypeError(
+            "tokenizer must be a Hugging Face tokenizer (with len() and pad/bos/eos token ids), "
+            f"got {type(tokenizer).__name__}"
+        )
+    seed = check_int("seed", seed, 0, maximum=2**63 - 1)
     known = set(LlamaConfig().to_dict())
     unknown = sorted(set(config_overrides) - known)
     if unknown:
         raise ValueError(f"unknown config override(s) {unknown}; expected LlamaConfig fields")
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        **{**DEFAULT_MODEL_CONFIG, **config_overrides},
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
+    settings = {**DEFAULT_MODEL_CONFIG, **config_overrides}
+    try:
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **settings,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = LlamaForCausalLM(config)
+    except (TypeError, ValueError, RuntimeError, ZeroDivisionError, OverflowError) as error:
+        raise ValueError(
+            f"the config overrides {config_overrides} do not build a LlamaForCausalLM: "
+            f"{type(error).__name__}: {error}"
+        ) from error
     return model

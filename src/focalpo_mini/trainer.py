@@ -31,11 +31,19 @@ import torch
 from tqdm.auto import tqdm
 
 from focalpo_mini import checkpoint
-from focalpo_mini._checks import NonFiniteError, check_flag, check_int, check_number
+from focalpo_mini._checks import (
+    NonFiniteError,
+    check_flag,
+    check_int,
+    check_number,
+    first_parameter,
+)
 from focalpo_mini.baselines import conservative_dpo_loss, ipo_loss, robust_dpo_loss
 from focalpo_mini.losses import dpo_loss, focalpo_loss, preference_logits
 from focalpo_mini.metrics import group_metrics, preference_metrics
 from focalpo_mini.pairs import (
+    _check_tokenizer,
+    _check_vocabulary,
     all_pair_logps,
     batch_logps,
     collate,
@@ -55,13 +63,19 @@ class TrainConfig:
     :mod:`focalpo_mini.baselines` (``"cdpo"``, ``"robust"``, ``"ipo"``; the first two use
     ``label_smoothing``), or a callable with :func:`focalpo_loss`'s signature.
     ``max_grad_norm=None`` turns clipping off (the logged ``grad_norm`` is then the unclipped
-    norm). ``warmup_steps`` may not exceed ``max_steps``. Each step uses ``grad_accum_steps``
+    norm). ``learning_rate`` is in (0, 1] (AdamW's step is about the rate itself).
+    ``warmup_steps`` may not exceed ``max_steps``. Each step uses ``grad_accum_steps``
     micro-batches of ``batch_size`` pairs; an epoch visits the pairs in a seeded random order,
     and its last ``len(pairs) % batch_size`` pairs (a partial batch) are left out of that epoch.
     ``eval_every=0`` evaluates only before the first and after the last step.
     ``checkpoint_every=0`` checkpoints only on KeyboardInterrupt (when ``checkpoint_dir`` is
-    set). ``record_eval_pairs`` keeps per-pair eval tensors. Numbers may be Python or NumPy
-    scalars; they are stored as Python ``float`` and ``int``.
+    set). ``record_eval_pairs`` keeps per-pair eval tensors.
+
+    Every field is checked when the config is built and again on every later assignment
+    (``config.batch_size = 0`` raises, and leaves the config as it was). Values are stored as
+    plain Python types, so that a checkpoint holds nothing else: numbers may be Python or NumPy
+    scalars and are stored as ``float`` and ``int``, flags as ``bool``, a NumPy string ``loss``
+    as ``str``, and ``checkpoint_dir`` (a string or ``os.PathLike``) as ``str``.
     """
 
     beta: float = 0.1
@@ -86,47 +100,102 @@ class TrainConfig:
     record_eval_pairs: bool = False
     progress: bool = True
 
-    def __post_init__(self) -> None:
-        if not (self.loss in LOSS_NAMES or callable(self.loss)):
-            raise ValueError(f"loss must be one of {LOSS_NAMES} or a callable, got {self.loss!r}")
-        self.label_smoothing = check_number(
-            "label_smoothing", self.label_smoothing, minimum=0.0, maximum=0.5
-        )
-        self.beta = check_number("beta", self.beta, minimum=0.0, inclusive=False)
-        self.gamma = check_number("gamma", self.gamma, minimum=0.0)
-        self.learning_rate = check_number(
-            "learning_rate", self.learning_rate, minimum=0.0, inclusive=False
-        )
-        self.weight_decay = check_number("weight_decay", self.weight_decay, minimum=0.0)
-        if self.max_grad_norm is not None:
-            self.max_grad_norm = check_number(
-                "max_grad_norm", self.max_grad_norm, minimum=0.0, inclusive=False
-            )
-        for name in ("batch_size", "grad_accum_steps", "max_steps", "max_length", "log_every"):
-            setattr(self, name, check_int(name, getattr(self, name), 1))
-        for name in ("warmup_steps", "eval_every", "checkpoint_every", "seed"):
-            setattr(self, name, check_int(name, getattr(self, name), 0))
+    def __setattr__(self, name: str, value: object) -> None:
+        check = _FIELD_CHECKS.get(name)
+        if check is None:
+            raise AttributeError(f"TrainConfig has no field {name!r}")
+        value = check(name, value)
+        missing = object()
+        previous = self.__dict__.get(name, missing)
+        object.__setattr__(self, name, value)
+        if all(f in self.__dict__ for f in _FIELD_CHECKS):  # built: check the fields together
+            try:
+                self._check_together()
+            except (TypeError, ValueError):
+                if previous is missing:
+                    object.__delattr__(self, name)
+                else:
+                    object.__setattr__(self, name, previous)
+                raise
+
+    def _check_together(self) -> None:
         if self.warmup_steps > self.max_steps:
             raise ValueError(
                 f"warmup_steps must be <= max_steps = {self.max_steps}, got {self.warmup_steps}"
             )
-        if self.max_prompt_length is not None:
-            self.max_prompt_length = check_int("max_prompt_length", self.max_prompt_length, 1)
-            if self.max_prompt_length >= self.max_length:
-                raise ValueError(
-                    f"max_prompt_length must be < max_length = {self.max_length}, "
-                    f"got {self.max_prompt_length}"
-                )
-        for name in ("detach_weight", "record_eval_pairs", "progress"):
-            check_flag(name, getattr(self, name))
+        if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"max_prompt_length must be < max_length = {self.max_length}, "
+                f"got {self.max_prompt_length}"
+            )
         if self.checkpoint_every and self.checkpoint_dir is None:
             raise ValueError("checkpoint_every > 0 needs a checkpoint_dir")
-        if self.checkpoint_dir is not None and not isinstance(
-            self.checkpoint_dir, (str, os.PathLike)
-        ):
-            raise TypeError(
-                f"checkpoint_dir must be a path or None, got {type(self.checkpoint_dir).__name__}"
-            )
+
+
+def _loss_field(name: str, value: object) -> object:
+    if isinstance(value, str):
+        value = str(value)  # a NumPy string becomes a plain one
+        if value in LOSS_NAMES:
+            return value
+    elif callable(value):
+        return value
+    raise ValueError(f"{name} must be one of {LOSS_NAMES} or a callable, got {value!r}")
+
+
+def _number_field(minimum: float, *, inclusive: bool = True, maximum: float = math.inf):
+    def check(name: str, value: object) -> float:
+        return check_number(name, value, minimum=minimum, inclusive=inclusive, maximum=maximum)
+
+    return check
+
+
+def _int_field(minimum: int, *, optional: bool = False, maximum: int | None = None):
+    def check(name: str, value: object) -> int | None:
+        return None if optional and value is None else check_int(name, value, minimum, maximum)
+
+    return check
+
+
+def _optional(check):
+    return lambda name, value: None if value is None else check(name, value)
+
+
+def _path_field(name: str, value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a path or None, got {type(value).__name__} {value!r}")
+    path = os.fspath(value)
+    if not isinstance(path, str):
+        raise TypeError(f"{name} must be a text path or None, got {type(path).__name__}")
+    if not path or "\x00" in path:
+        raise ValueError(f"{name} must be a non-empty path without NUL characters, got {path!r}")
+    return path
+
+
+_FIELD_CHECKS = {
+    "beta": _number_field(0.0, inclusive=False),
+    "loss": _loss_field,
+    "gamma": _number_field(0.0),
+    "detach_weight": check_flag,
+    "label_smoothing": _number_field(0.0, maximum=0.5),
+    "learning_rate": _number_field(0.0, inclusive=False, maximum=1.0),
+    "batch_size": _int_field(1),
+    "grad_accum_steps": _int_field(1),
+    "max_steps": _int_field(1),
+    "warmup_steps": _int_field(0),
+    "max_grad_norm": _optional(_number_field(0.0, inclusive=False)),
+    "weight_decay": _number_field(0.0),
+    "max_length": _int_field(1),
+    "max_prompt_length": _int_field(1, optional=True),
+    "eval_every": _int_field(0),
+    "log_every": _int_field(1),
+    "seed": _int_field(0, maximum=2**32 - 1),
+    "checkpoint_dir": _path_field,
+    "checkpoint_every": _int_field(0),
+    "record_eval_pairs": check_flag,
+    "progress": check_flag,
+}
 
 
 @dataclass
@@ -173,6 +242,8 @@ def preference_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One batch's loss (mean over pairs) and policy log-probs, as :func:`train` computes them:
     ``(loss, chosen_logps, rejected_logps)``. ``loss.backward()`` gives the step's gradient."""
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     chosen, rejected = batch_logps(model, batch)
     lengths = batch["completion_mask"].sum(dim=1).chunk(2)
     loss = _configured_loss(
@@ -213,9 +284,15 @@ def train(
     The reference is ``model`` as given (or ``ref_model``, used once for the cache): its
     log-probs of every pair are computed before the first step and cached. ``resume_from`` is a
     checkpoint file or directory written by an earlier run with the same config (fields in
-    ``checkpoint.RESUMABLE_FIELDS`` may differ) and the same data. ``on_eval(step, model)``, if
-    given, is called after each evaluation of the eval split (for measurements of your own, such
-    as generating answers); the model is put back in training mode after it returns.
+    ``checkpoint.RESUMABLE_FIELDS`` may differ), the same model (class, config, module settings,
+    parameter shapes and dtypes), the same tokenizer and the same data; a resume refuses
+    (ValueError) naming what differs. A callable ``loss`` cannot be identified: another name or
+    code is refused, but two callables with the same code may still read different values
+    (closures, globals, partial arguments), so a resume with one warns. ``on_eval(step, model)``,
+    if given, is called after each evaluation of the eval split (for measurements of your own,
+    such as generating answers); the model is put back in training mode after it returns. The
+    random state is checkpointed after the evaluation and ``on_eval``, so a resumed run is the
+    uninterrupted one bit for bit (on a CPU) whatever ``on_eval`` draws and with dropout on.
 
     Interrupts. Ctrl-C (SIGINT) takes effect at the end of the current step, after its log row,
     evaluation and checkpoint: the state is checkpointed (with ``checkpoint_dir``) and
@@ -237,10 +314,13 @@ def train(
     config = TrainConfig() if config is None else config
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
-    for name, module in (("model", model), ("ref_model", ref_model)):
-        if not isinstance(module, torch.nn.Module) and (name == "model" or module is not None):
-            raise TypeError(f"{name} must be a torch.nn.Module, got {type(module).__name__}")
-    pad_id, device = pad_token_id(tokenizer), next(model.parameters()).device
+    device = first_parameter("model", model).device
+    if ref_model is not None and not isinstance(ref_model, torch.nn.Module):
+        raise TypeError(f"ref_model must be a torch.nn.Module, got {type(ref_model).__name__}")
+    if on_eval is not None and not callable(on_eval):
+        raise TypeError(f"on_eval must be a callable or None, got {type(on_eval).__name__}")
+    _check_tokenizer(tokenizer)
+    pad_id = pad_token_id(tokenizer)
     limits = {"max_length": config.max_length, "max_prompt_length": config.max_prompt_length}
     splits = {
         "train": _Split(*prepare_pairs(tokenizer, train_dataset, **limits, name="train_dataset"))
@@ -255,6 +335,8 @@ def train(
                 "eval_dataset=None to train without evaluation"
             )
     train_split = splits["train"]
+    for split_name, split in splits.items():
+        _check_vocabulary("model", model, split.pairs, f"{split_name}_dataset")
     if len(train_split.pairs) < config.batch_size:
         raise ValueError(
             f"train_dataset has {len(train_split.pairs)} usable pair(s), fewer than "
@@ -262,9 +344,16 @@ def train(
         )
 
     params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no parameter that requires grad: nothing to train")
+    identity = checkpoint.run_identity(model, tokenizer)
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
     if resume_from is None:
+        if ref_model is not None:
+            first_parameter("ref_model", ref_model)
+            for name, split in splits.items():
+                _check_vocabulary("ref_model", ref_model, split.pairs, f"{name}_dataset")
         for name, split in splits.items():  # the reference: computed once, then only numbers
             try:
                 split.ref_chosen, split.ref_rejected = all_pair_logps(
@@ -279,7 +368,13 @@ def train(
         torch.manual_seed(config.seed)
         run = _Progress(rng=checkpoint.rng_state())
     else:
-        state = checkpoint.load(resume_from, config, {k: s.fingerprint for k, s in splits.items()})
+        state = checkpoint.load(
+            resume_from,
+            config,
+            {k: s.fingerprint for k, s in splits.items()},
+            identity=identity,
+            model_state=model.state_dict(),
+        )
         for name, (_, ref_chosen, ref_rejected) in state["splits"].items():
             splits[name].ref_chosen, splits[name].ref_rejected = ref_chosen, ref_rejected
         model.load_state_dict(state["model"])
@@ -293,14 +388,16 @@ def train(
             metrics, pairs = _evaluate(model, splits["eval"], config, pad_id)
         except NonFiniteError as error:
             raise NonFiniteError(f"evaluation at step {run.step}: {error}") from error
-        run.eval_history.append({"step": run.step, **metrics})
-        if config.record_eval_pairs:
-            run.eval_pairs.append({"step": run.step, **pairs})
         if on_eval is not None:
             try:
                 on_eval(run.step, model)
             finally:
                 model.train()
+        # recorded only once on_eval returned: an evaluation an exception cut short is redone
+        # on resume, from the random state it started with
+        run.eval_history.append({"step": run.step, **metrics})
+        if config.record_eval_pairs:
+            run.eval_pairs.append({"step": run.step, **pairs})
 
     def save() -> None:
         state = {
@@ -314,6 +411,7 @@ def train(
                 "batch": run.step * config.grad_accum_steps % per_epoch,
             },
             "config": checkpoint.config_record(config),
+            "identity": identity,
             "splits": {k: (s.fingerprint, s.ref_chosen, s.ref_rejected) for k, s in splits.items()},
         }
         checkpoint.save(state, config.checkpoint_dir)
@@ -334,7 +432,8 @@ def train(
 
     def finish_step() -> None:
         """The log row and evaluation due at ``run.step``, unless already recorded (a resumed
-        run redoes what an interrupt left undone)."""
+        run redoes what an interrupt left undone); then the random state, so that a checkpoint
+        resumes after whatever the evaluation and ``on_eval`` drew."""
         last = run.step == config.max_steps
         if run.step and (run.step % config.log_every == 0 or last):
             if not run.history or run.history[-1]["step"] != run.step:
@@ -344,6 +443,7 @@ def train(
         ):
             if not run.eval_history or run.eval_history[-1]["step"] != run.step:
                 evaluate()
+        run.rng = checkpoint.rng_state()
 
     def accumulate() -> tuple[list, int, str | None]:
         """The forward and backward passes of the step's micro-batches: per-pair records, the

@@ -44,8 +44,11 @@ class FocalPOConfig(DPOConfig):
 
     Every other field is ``DPOConfig``'s. The ones that select or reshape DPO's loss
     (``loss_type``, ``loss_weights``, ``ld_alpha``, ``f_divergence_type``, ``use_weighting``)
-    must keep their defaults, since FocalPO replaces that loss. ``beta`` must be > 0 and
-    ``max_length`` an integer >= 1 or None. Numbers may be NumPy scalars (``np.float32``).
+    must keep their defaults, since FocalPO replaces that loss (``loss_type`` may be given as
+    ``"sigmoid"`` or ``["sigmoid"]``). ``beta`` must be > 0 and ``max_length`` an integer >= 1
+    or None. Numbers may be NumPy scalars (``np.float32``); they are stored as Python numbers.
+    These fields are checked when the config is built and again on every later assignment
+    (``args.loss_type = ["hinge"]`` raises and leaves the config as it was).
     """
 
     gamma: float = field(
@@ -58,18 +61,38 @@ class FocalPOConfig(DPOConfig):
     )
 
     def __post_init__(self) -> None:
-        self.gamma = check_number("gamma", self.gamma, minimum=0.0)
-        check_flag("detach_weight", self.detach_weight)
-        self.beta = check_number("beta", self.beta, minimum=0.0, inclusive=False)
-        if self.max_length is not None:
-            self.max_length = check_int("max_length", self.max_length, 1)
-        super().__post_init__()  # turns a string loss_type into a list
-        for name, default in _DPO_LOSS_DEFAULTS.items():
-            if getattr(self, name) != default:
-                raise ValueError(
-                    f"{name} must be {default!r} for FocalPO (it replaces DPO's loss), "
-                    f"got {getattr(self, name)!r}"
-                )
+        for name in _FOCALPO_CHECKS:
+            object.__setattr__(self, name, _FOCALPO_CHECKS[name](name, getattr(self, name)))
+        super().__post_init__()
+        object.__setattr__(self, "_focalpo_checked", True)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in _FOCALPO_CHECKS and self.__dict__.get("_focalpo_checked"):
+            value = _FOCALPO_CHECKS[name](name, value)
+        super().__setattr__(name, value)
+
+
+def _dpo_loss_default(name: str, value: object) -> object:
+    """A field that reshapes DPO's loss, which FocalPO replaces: only its default is allowed."""
+    default = _DPO_LOSS_DEFAULTS[name]
+    if name == "loss_type" and isinstance(value, str):
+        value = [value]  # DPOConfig's own normalisation of a single loss type
+    if name == "loss_type" and isinstance(value, (list, tuple)):
+        value = list(value)
+    if value != default:
+        raise ValueError(
+            f"{name} must be {default!r} for FocalPO (it replaces DPO's loss), got {value!r}"
+        )
+    return value
+
+
+_FOCALPO_CHECKS = {
+    "gamma": lambda name, value: check_number(name, value, minimum=0.0),
+    "detach_weight": check_flag,
+    "beta": lambda name, value: check_number(name, value, minimum=0.0, inclusive=False),
+    "max_length": lambda name, value: None if value is None else check_int(name, value, 1),
+    **dict.fromkeys(_DPO_LOSS_DEFAULTS, _dpo_loss_default),
+}
 
 
 class FocalPOTrainer(DPOTrainer):
@@ -80,8 +103,9 @@ class FocalPOTrainer(DPOTrainer):
     makes its default); everything else (datasets, ``ref_model``, ``peft_config``,
     ``precompute_ref_log_probs``, logging) works as for ``DPOTrainer``. It logs TRL's usual
     metrics under TRL's names, gathered across processes as TRL does, plus
-    ``focal/weight_mean``, the mean of p**gamma (the fraction of the DPO loss FocalPO keeps),
-    and ``nonfinite_fraction`` (below).
+    ``focal/weight_mean``, the batch mean of the modulating factor p**gamma (each pair's own
+    factor; not the fraction of the batch's DPO loss that FocalPO keeps, which weights each
+    factor by that pair's DPO loss), and ``nonfinite_fraction`` (below).
 
     Checks at construction: rows with a ``prompt`` column are validated like
     :func:`focalpo_mini.pairs.prepare_pairs` does (three strings or three lists of

@@ -68,6 +68,10 @@ def apply_style() -> None:
     )
 
 
+MAX_INCHES = 50.0
+"""The largest figure side the helpers accept: larger figures take gigabytes to draw."""
+
+
 def new_figure(
     ncols: int = 1, *, width: float = 6.4, height: float = 3.6
 ) -> tuple[Figure, Axes | list[Axes]]:
@@ -83,10 +87,9 @@ def new_figure(
     Raises:
         ValueError: if ``ncols < 1`` or a size is not positive.
     """
-    if not isinstance(ncols, int) or ncols < 1:
-        raise ValueError(f"ncols must be an int >= 1, got {ncols!r}")
-    if width <= 0 or height <= 0:
-        raise ValueError(f"width and height must be > 0, got {width} and {height}")
+    ncols = check_int("ncols", ncols, 1, maximum=100)
+    width = check_number("width", width, minimum=0.0, inclusive=False, maximum=MAX_INCHES)
+    height = check_number("height", height, minimum=0.0, inclusive=False, maximum=MAX_INCHES)
     apply_style()
     fig, axes = plt.subplots(1, ncols, figsize=(width, height), layout="constrained")
     return fig, (axes if ncols == 1 else list(axes))
@@ -144,8 +147,8 @@ def loss_weights(
     Raises:
         TypeError, ValueError: for a bad argument; the message names it.
     """
-    if detach not in (None, True, False):
-        raise TypeError(f"detach must be None, True or False, got {detach!r}")
+    if not (detach is None or isinstance(detach, bool)):
+        raise TypeError(f"detach must be None, True or False, got {_describe(detach)}")
     weights = {"dpo": gradient_weight(z, gamma=0.0)}
     if detach is not True:
         weights["focalpo"] = gradient_weight(z, gamma=gamma)
@@ -172,6 +175,8 @@ def weight_share(weight: torch.Tensor, group: torch.Tensor) -> float:
             message names it.
     """
     check_float_tensor("weight", weight, ndim=1)
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError("weight must be finite, found NaN or inf")
     if not isinstance(group, torch.Tensor) or group.dtype != torch.bool:
         raise TypeError(f"group must be a bool tensor, got {_describe(group)}")
     if group.shape != weight.shape:
@@ -228,10 +233,10 @@ def plot_gradient_weights(
     Raises:
         TypeError, ValueError: for a bad argument; the message names it.
     """
+    _check_ax(ax)
     gamma = check_number("gamma", gamma, minimum=0.0)
     z_max = check_number("z_max", z_max, minimum=0.0, inclusive=False)
-    if isinstance(n_points, bool) or not isinstance(n_points, int) or n_points < 2:
-        raise ValueError(f"n_points must be an int >= 2, got {n_points!r}")
+    n_points = check_int("n_points", n_points, 2, maximum=100_000)
 
     z = torch.linspace(-z_max, z_max, n_points, dtype=torch.float64)
     ax.axvspan(-z_max, 0.0, color=GREY, alpha=0.12, lw=0)
@@ -300,8 +305,9 @@ def plot_margin_histogram(
     Raises:
         TypeError, ValueError: for a bad argument; the message names it.
     """
+    _check_ax(ax)
     z_max = check_number("z_max", z_max, minimum=0.0, inclusive=False)
-    _check_margins({0: z}, ref_misranked)
+    _check_z(z, ref_misranked)
     clipped = z.detach().double().clamp(-z_max, z_max).numpy()
     misranked = ref_misranked.numpy()
     edges = torch.linspace(-z_max, z_max, 65).numpy()
@@ -344,7 +350,8 @@ def plot_weight_shares(
     Raises:
         TypeError, ValueError: for a bad argument; the message names it.
     """
-    _check_margins({0: z}, ref_misranked)
+    _check_ax(ax)
+    _check_z(z, ref_misranked)
     z = z.detach().double()
     shares = {
         name: weight_share(weight, ref_misranked)
@@ -403,6 +410,8 @@ def explorer_figure(
     if margins_from is not None and not isinstance(margins_from, str):
         raise TypeError(f"margins_from must be a str or None, got {_describe(margins_from)}")
     apply_style()
+    width = check_number("width", width, minimum=0.0, inclusive=False, maximum=MAX_INCHES)
+    height = check_number("height", height, minimum=0.0, inclusive=False, maximum=MAX_INCHES)
     fig = plt.figure(figsize=(width, height), layout="constrained")
     grid = fig.add_gridspec(2, 2, width_ratios=(2.6, 1.0), height_ratios=(2.0, 1.0))
     ax = fig.add_subplot(grid[0, 0], label="weights")
@@ -450,7 +459,7 @@ def explorer_frame_alt(
     """
     gamma = check_number("gamma", gamma, minimum=0.0)
     check_int("step", step, 0)
-    _check_margins({step: z}, ref_misranked)
+    _check_z(z, ref_misranked)
     if margins_from is not None and not isinstance(margins_from, str):
         raise TypeError(f"margins_from must be a str or None, got {_describe(margins_from)}")
     z = z.detach().double()
@@ -500,6 +509,7 @@ def explorer_frames(
 
     The layout of a step's first frame serves all its gammas: only the weight curves, the shares
     and the title are redrawn, which makes a frame about twice as fast to draw."""
+    dpi = check_int("dpi", dpi, 10, maximum=600)
     gammas = _check_gammas(gammas)
     _check_margins(margins, ref_misranked)
     frames = []
@@ -575,7 +585,7 @@ def gamma_explorer_static(
         raise ValueError(f"margins must hold at least two steps, got {list(margins)}")
     if not isinstance(run, str):
         raise TypeError(f"run must be a str, got {_describe(run)}")
-    check_int("dpi", dpi, 1)
+    check_int("dpi", dpi, 10, maximum=600)
     steps = list(margins)
     width, height = 9 * dpi, 5 * dpi
     frames = explorer_frames(margins, ref_misranked, gammas=gammas, margins_from=run, dpi=dpi)
@@ -691,6 +701,24 @@ def _check_gammas(gammas: Sequence[float]) -> list[float]:
     return gammas
 
 
+def _check_ax(ax: object) -> None:
+    if not isinstance(ax, Axes):
+        raise TypeError(f"ax must be a matplotlib Axes, got {type(ax).__name__}")
+
+
+def _check_z(z: torch.Tensor, ref_misranked: torch.Tensor) -> None:
+    """One step's margins ``z``: errors name ``z``, not the margins mapping."""
+    check_float_tensor("z", z, ndim=1)
+    if not bool(torch.isfinite(z).all()):
+        raise ValueError("z holds NaN or infinite values")
+    if isinstance(ref_misranked, torch.Tensor) and z.shape != ref_misranked.shape:
+        raise ValueError(
+            f"z has shape {tuple(z.shape)}, expected {tuple(ref_misranked.shape)} like "
+            "ref_misranked"
+        )
+    _check_margins({0: z}, ref_misranked)
+
+
 def _check_margins(margins: Mapping[int, torch.Tensor], ref_misranked: torch.Tensor) -> None:
     """margins: a non-empty {step: z} of finite float (N,) tensors; ref_misranked: bool (N,)."""
     if not isinstance(ref_misranked, torch.Tensor) or ref_misranked.dtype != torch.bool:
@@ -760,8 +788,19 @@ def plot_training(
     Returns:
         The figure.
     """
+    if not isinstance(runs, Mapping) or not all(hasattr(r, "series") for r in runs.values()):
+        raise TypeError(f"runs must be a dict {{label: TrainResult}}, got {_describe(runs)}")
     if not runs:
         raise ValueError("runs must hold at least one TrainResult")
+    if (
+        not isinstance(metrics, (list, tuple))
+        or not metrics
+        or not all(isinstance(m, str) for m in metrics)
+    ):
+        raise TypeError(
+            f"metrics must be a non-empty list of metric names, got {metrics!r}"
+            + (f" (for one metric, pass [{metrics!r}])" if isinstance(metrics, str) else "")
+        )
     fig, axes = new_figure(len(metrics), width=3.4 * len(metrics) + 0.6)
     axes = axes if isinstance(axes, list) else [axes]
     for ax, metric in zip(axes, metrics, strict=True):
@@ -796,6 +835,10 @@ def plot_groups(
     Returns:
         The axes.
     """
+    if ax is not None:
+        _check_ax(ax)
+    if not hasattr(result, "series"):
+        raise TypeError(f"result must be a TrainResult, got {type(result).__name__}")
     if metric not in ("reward_accuracy", "ranking_accuracy", "margin"):
         raise ValueError(
             f"metric must be 'reward_accuracy', 'ranking_accuracy' or 'margin', got {metric!r}"

@@ -5,6 +5,11 @@ failing input, the expected and the received value, and the most likely mistake.
 group has its own module.
 """
 
+from focalpo_mini.exercises.blind_spot import (
+    check_accuracies,
+    check_idealized_ranking,
+    check_ranking_threshold,
+)
 from focalpo_mini.exercises.part1 import (
     check_balanced_cross_entropy,
     check_bt_gradient,
@@ -27,6 +32,7 @@ from focalpo_mini.exercises.scratch import (
 )
 
 __all__ = [
+    "check_accuracies",
     "check_balanced_cross_entropy",
     "check_bt_gradient",
     "check_bt_nll",
@@ -39,8 +45,10 @@ __all__ = [
     "check_focal_loss",
     "check_focalpo_loss",
     "check_gradient_weight",
+    "check_idealized_ranking",
     "check_implicit_reward",
     "check_optimal_policy",
+    "check_ranking_threshold",
     "check_sequence_logps",
     "check_sign_flip_probability",
 ]

@@ -6,14 +6,20 @@ in one attempt cannot change a later check; a function that changes its inputs i
 answer that is not what was asked for (``None``, a string, a dict, a tuple, a generator) gets a hint
 that names what came back. A tensor on another device is moved to the CPU; one in bfloat16 or
 float16 is compared at that dtype's precision, so that a right formula computed in low precision
-gets a precision hint rather than a formula hint.
+gets a precision hint rather than a formula hint. A complex answer is refused (never read as its
+real part). A function that does not return within ``TIME_LIMIT_S`` seconds is stopped, with a
+hint (in the main thread, where Python delivers the timer signal that stops it; elsewhere, as in
+a worker thread, it is not timed).
 """
 
 from __future__ import annotations
 
 import inspect
+import signal
+import threading
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, NoReturn
 
 import torch
@@ -21,6 +27,15 @@ import torch
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 NONE_HINT = "your function returned None: did you forget `return`?"
+
+TIME_LIMIT_S = 10.0
+"""How long one call of the reader's function may take before the checker stops it."""
+
+COMPLEX_HINT = (
+    "your answer is complex: return real numbers. A complex value comes from a complex input "
+    "you created (1j, torch.complex) or from a real power or root of a negative number "
+    "(x ** 0.5 with x < 0 in NumPy/complex arithmetic); the imaginary part is never dropped."
+)
 
 
 def passed(name: str) -> None:
@@ -77,6 +92,8 @@ def type_hint(raw: Any, want: str) -> str | None:
         )
     if isinstance(raw, (str, bytes)):
         return f"your function returned a {type(raw).__name__}: return {want}, not text."
+    if isinstance(raw, complex):
+        return COMPLEX_HINT
     if isinstance(raw, dict):
         return f"your function returned a {describe(raw)}: return only {want}."
     if isinstance(raw, (tuple, list)):
@@ -113,10 +130,7 @@ def read_tensor(name: str, case: str, expected: str, raw: Any) -> tuple[torch.Te
     hint = type_hint(raw, "a tensor")
     if hint is not None:
         failed(name, case, expected, describe(raw), hint)
-    try:
-        tensor = _number_as_tensor(raw)
-    except (TypeError, ValueError, RuntimeError):
-        failed(name, case, expected, describe(raw), "return a tensor of numbers.")
+    tensor = real_tensor(name, case, expected, raw, "return a tensor of numbers.")
     tensor = to_cpu(name, case, expected, tensor)
     return tensor.to(torch.float64), tensor.dtype
 
@@ -126,7 +140,7 @@ def read_float(name: str, case: str, expected: str, raw: Any) -> tuple[torch.Ten
     hint = type_hint(raw, "a float")
     if hint is not None:
         failed(name, case, expected, describe(raw), hint)
-    tensor = _number_as_tensor(raw)
+    tensor = real_tensor(name, case, expected, raw, "return one float.")
     if tensor.numel() != 1:
         failed(
             name,
@@ -137,6 +151,20 @@ def read_float(name: str, case: str, expected: str, raw: Any) -> tuple[torch.Ten
         )
     tensor = to_cpu(name, case, expected, tensor)
     return tensor.reshape(()).to(torch.float64), tensor.dtype
+
+
+def real_tensor(name: str, case: str, expected: str, raw: Any, hint: str) -> torch.Tensor:
+    """``raw`` as a real tensor, or a failure: ``hint`` when it holds no numbers, the complex
+    hint when it is complex."""
+    try:
+        tensor = _number_as_tensor(raw)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        failed(name, case, expected, describe(raw), hint)
+    if tensor.is_complex():
+        failed(name, case, expected, describe(tensor), COMPLEX_HINT)
+    if tensor.layout != torch.strided:
+        failed(name, case, expected, describe(tensor), "return a dense tensor (.to_dense()).")
+    return tensor
 
 
 def _number_as_tensor(raw: Any) -> torch.Tensor:
@@ -167,7 +195,18 @@ def call(name: str, case: str, expected: str, fn: Callable[..., Any], *args: Any
     """Call ``fn`` on fresh copies of ``args``; fail if it raises or changes an input in place."""
     given = [fresh(a) for a in args]
     try:
-        raw = fn(*given, **kwargs)
+        with _time_limit(TIME_LIMIT_S):
+            raw = fn(*given, **kwargs)
+    except _TimeUp:
+        failed(
+            name,
+            case,
+            expected,
+            f"no answer after {TIME_LIMIT_S:g} s",
+            f"your function did not return within {TIME_LIMIT_S:g} s, so the checker stopped "
+            "it: look for a loop that never ends (a `while` whose condition never changes) or "
+            "a loop over far more values than the input holds.",
+        )
     except Exception as error:  # the reader's bug, reported with the input that triggered it
         failed(
             name,
@@ -189,6 +228,33 @@ def call(name: str, case: str, expected: str, fn: Callable[..., Any], *args: Any
                 "Work on a copy, e.g. x = x.clamp(...).",
             )
     return raw
+
+
+class _TimeUp(BaseException):
+    """Raised into the reader's function by the timer; a BaseException, so that the reader's
+    own ``except Exception`` cannot swallow it."""
+
+
+@contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    """Raise :class:`_TimeUp` in the code run inside, once ``seconds`` have passed (a real-time
+    timer; main thread only, where Python runs signal handlers)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(
+        signal, "setitimer"
+    ):
+        yield
+        return
+
+    def stop(signum, frame) -> None:
+        raise _TimeUp
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _unchanged(before: torch.Tensor, after: torch.Tensor) -> bool:

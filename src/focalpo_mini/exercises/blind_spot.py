@@ -23,6 +23,7 @@ from focalpo_mini.exercises._check import (
     precision_hint,
     read_float,
     read_tensor,
+    real_tensor,
     to_cpu,
     type_hint,
 )
@@ -200,7 +201,10 @@ def check_accuracies(fn: Callable[..., tuple[float, float]]) -> None:
             "ties: TRL's rewards/accuracies counts equal rewards as wrong; use >, not >=.",
         ),
     ]
-    cases = [(_ACC_LABEL + ", beta=0.1", _ACC_ARGS)]
+    cases = [
+        (_ACC_LABEL + ", beta=0.1", _ACC_ARGS),
+        (_ACC_LABEL + ", beta=3", (*_ACC_ARGS[:4], 3.0)),
+    ]
     hint = "ranking: mean of logp_w >= logp_l; reward: mean of beta*(logp_w - ref_w) > beta*(...)."
     _run("accuracies", fn, cases, _accuracies, _read_pair, mistakes, hint)
 
@@ -253,7 +257,7 @@ def _read_bool(name: str, case: str, expected: str, raw: Any) -> tuple[torch.Ten
     hint = type_hint(raw, want)
     if hint is not None:
         failed(name, case, expected, describe(raw), hint)
-    got = to_cpu(name, case, expected, torch.as_tensor(raw))
+    got = to_cpu(name, case, expected, real_tensor(name, case, expected, raw, f"return {want}."))
     if got.dtype != torch.bool:
         hint = f"return {want}, got dtype {got.dtype}: end with a comparison such as `... > 0`."
         failed(name, case, expected, describe(got), hint)
@@ -309,6 +313,9 @@ def check_idealized_ranking(fn: Callable[..., torch.Tensor]) -> None:
     ref_rejected = _t(-5.0, -6.0, -4.0, -5.0, -5.0, -5.0, -6.0)
     rho = _t(0.8, 0.8, 0.2, 0.8, 0.8, 0.3, 0.8)
     label = f"ref logps w={_show(ref_chosen)}, l={_show(ref_rejected)}, rho={_show(rho)}, beta=0.5"
-    cases = [(label, (ref_chosen, ref_rejected, rho, 0.5))]
+    cases = [
+        (label, (ref_chosen, ref_rejected, rho, 0.5)),
+        ("the same pairs, beta=2", (ref_chosen, ref_rejected, rho, 2.0)),
+    ]
     hint = "correct iff log pi_ref(y_w) - log pi_ref(y_l) + log(rho / (1 - rho)) / beta > 0."
     _run("idealized_ranking", fn, cases, _idealized, _read_bool, mistakes, hint)

@@ -115,6 +115,7 @@ def check_balanced_cross_entropy(fn: Callable[..., torch.Tensor]) -> None:
     """Check ``fn(logits, targets, alpha)``: per-example loss -alpha_t log p_t, shape ``(N,)``."""
     cases = [
         (_FL_LABEL + ", alpha=0.25", (_FL_LOGITS, _FL_TARGETS, 0.25)),
+        ("same logits, alpha=0.7", (_FL_LOGITS, _FL_TARGETS, 0.7)),
         (
             _FL_EXTREME_LABEL + ", alpha=0.25",
             (_FL_EXTREME_LOGITS, _FL_EXTREME_TARGETS, 0.25),
@@ -269,13 +270,23 @@ _BT_REWARDS = _t(0.5, -1.0, 2.0, 0.0)
 _BT_WINNERS = torch.tensor([0, 2, 2, 1, 3, 0])
 _BT_LOSERS = torch.tensor([1, 0, 3, 3, 1, 2])
 _BT_BIG = _t(1000.0, -1000.0, 0.0, 10.0)
+_BT_OTHER_WINNERS = torch.tensor([3, 1, 1, 0])
+_BT_OTHER_LOSERS = torch.tensor([2, 3, 0, 1])
 
 
 def _bt_cases() -> list[_Case]:
-    games = f"winners={_BT_WINNERS.tolist()}, losers={_BT_LOSERS.tolist()}"
+    def games(winners: torch.Tensor, losers: torch.Tensor) -> str:
+        return f"winners={winners.tolist()}, losers={losers.tolist()}"
+
+    first = games(_BT_WINNERS, _BT_LOSERS)
+    other = games(_BT_OTHER_WINNERS, _BT_OTHER_LOSERS)
     return [
-        (f"rewards={_show(_BT_REWARDS)}, {games}", (_BT_REWARDS, _BT_WINNERS, _BT_LOSERS)),
-        (f"rewards={_show(_BT_BIG)}, {games}", (_BT_BIG, _BT_WINNERS, _BT_LOSERS)),
+        (f"rewards={_show(_BT_REWARDS)}, {first}", (_BT_REWARDS, _BT_WINNERS, _BT_LOSERS)),
+        (f"rewards={_show(_BT_BIG)}, {first}", (_BT_BIG, _BT_WINNERS, _BT_LOSERS)),
+        (
+            f"rewards={_show(_BT_REWARDS)}, {other}",
+            (_BT_REWARDS, _BT_OTHER_WINNERS, _BT_OTHER_LOSERS),
+        ),
     ]
 
 
@@ -314,6 +325,13 @@ def check_bt_gradient(fn: Callable[..., torch.Tensor]) -> None:
         p = torch.sigmoid(r[w] - r[v])
         return torch.zeros_like(r).index_add_(0, w, -(1.0 - p) / len(w))
 
+    def indexed_update(r: torch.Tensor, w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        weight = (1.0 - torch.sigmoid(r[w] - r[v])) / len(w)
+        grad = torch.zeros_like(r)
+        grad[w] -= weight  # keeps one update per repeated index, not their sum
+        grad[v] += weight
+        return grad
+
     mistakes = [
         (lambda r, w, v: -_bt_grad(r, w, v), "wrong sign: the winner's gradient is negative."),
         (
@@ -321,6 +339,13 @@ def check_bt_gradient(fn: Callable[..., torch.Tensor]) -> None:
             "you used p where 1 - p belongs: each comparison contributes sigmoid(r_l - r_w).",
         ),
         (winners_only, "the loser's term is missing: r_l gets +(1 - p_k)/M from comparison k."),
+        (
+            indexed_update,
+            "the duplicate-index bug: an item wins (or loses) several comparisons, and "
+            "`g[w] -= wt` writes each repeated index once, so all but one of its terms are lost "
+            "(indexed assignment does not accumulate). Accumulate with "
+            "g.index_add_(0, w, -wt) and g.index_add_(0, l, wt).",
+        ),
         (
             lambda r, w, v: _bt_grad(r, w, v) * len(w),
             "you differentiated the sum, not the mean: divide by the number of comparisons.",
@@ -374,7 +399,10 @@ def _implicit(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) 
 def check_implicit_reward(fn: Callable[..., torch.Tensor]) -> None:
     """Check ``fn(policy_logps, ref_logps, beta)``: beta (log pi - log pi_ref), shape ``(N,)``."""
     pol, ref = _t(-1.0, -5.0, -20.0, -0.1), _t(-2.0, -4.0, -20.0, -3.0)
-    cases = [(f"policy_logps={_show(pol)}, ref_logps={_show(ref)}, beta=0.1", (pol, ref, 0.1))]
+    cases = [
+        (f"policy_logps={_show(pol)}, ref_logps={_show(ref)}, beta=0.1", (pol, ref, 0.1)),
+        ("same log-probs, beta=2.5", (pol, ref, 2.5)),
+    ]
     mistakes = [
         (
             lambda a, b, c: c * a,
@@ -433,7 +461,8 @@ def _dpo_weight(z: torch.Tensor) -> torch.Tensor:
 def check_dpo_weight(fn: Callable[..., torch.Tensor]) -> None:
     """Check ``fn(z)``: the weight w(z) in dL_DPO/dz = -w(z), shape ``(N,)``."""
     z = _t(-30.0, -2.0, -0.5, 0.0, 0.5, 2.0, 30.0)
-    cases = [(f"z={_show(z)}", (z,))]
+    other = _t(-7.0, 1.0, 3.0)
+    cases = [(f"z={_show(z)}", (z,)), (f"z={_show(other)}", (other,))]
     mistakes = [
         (torch.sigmoid, "you used p where 1 - p belongs: DPO's weight is 1 - p = sigmoid(-z)."),
         (
