@@ -35,12 +35,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -231,6 +232,22 @@ def reference_eval(cfg: Config, work: Path) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record))
     return record
+
+
+def restore_reference(record: dict, work: Path) -> None:
+    """Keep the file and the cache of the reference's held-out answers in step: a cache lost (a
+    fresh checkout) is rebuilt from the file, and a new cache is copied into the file."""
+    path = work / "reference.json"
+    keys = ("source", "parameters", "answers", "correct")
+    if not path.exists() and "reference" in record:
+        work.mkdir(parents=True, exist_ok=True)
+        cached = {k: record["reference"][k] for k in keys} | {"lists": record["held_out_lists"]}
+        path.write_text(json.dumps(cached))
+    if path.exists():
+        ref = json.loads(path.read_text())
+        record["reference"] = {k: ref[k] for k in keys}
+        record["reference"]["accuracy"] = statistics.fmean(ref["correct"])
+        record["held_out_lists"] = ref["lists"]
 
 
 def run_one(
@@ -454,31 +471,61 @@ def main(argv: list[str] | None = None) -> None:
 
     work = Path(args.work)
     rm.smollm_folder()  # convert the GGUF once, before the workers start
+    restore_reference(record, work)
+
+    def summarise_pairs(seed: int) -> None:
+        """The seed's pair statistics into the file; a seed sampled again (its cache lost) must
+        give the pairs its earlier runs were trained on."""
+        prep = prepare_seed(seed, cfg, work)
+        summary = {k: v for k, v in prep.items() if k not in ("rows", "sample_seconds")}
+        summary["example"] = prep["rows"][0]
+        summary = json.loads(json.dumps(summary))
+        old = record["pairs"].get(str(seed))
+        if old is not None:
+            logps = ("ref_logps_right", "ref_logps_wrong")
+            same = all(old[k] == summary[k] for k in summary if k not in logps) and all(
+                math.isclose(x, y, abs_tol=1e-4)
+                for k in logps
+                for x, y in zip(old[k], summary[k], strict=True)
+            )
+            if not same:
+                raise SystemExit(f"seed {seed}: sampled again, its pairs differ from the file's")
+        else:
+            record["pairs"][str(seed)] = summary | {"sample_seconds": prep["sample_seconds"]}
+
+    record.setdefault("pairs", {})
     with ProcessPoolExecutor(args.workers) as pool:
-        prep = [(None, cfg, str(work))] + [
-            (s, cfg, str(work)) for s in (*cfg.tuning_seeds, *cfg.seeds)
-        ]
-        for _ in pool.map(_prep_task, prep):
-            pass
-        ref = reference_eval(cfg, work)
-        record["reference"] = {k: ref[k] for k in ("source", "parameters", "answers", "correct")}
-        record["reference"]["accuracy"] = statistics.fmean(ref["correct"])
-        record["held_out_lists"] = ref["lists"]
-        record["pairs"] = {
-            str(s): {k: v for k, v in prepare_seed(s, cfg, work).items() if k != "rows"}
-            | {"example": prepare_seed(s, cfg, work)["rows"][0]}
-            for s in (*cfg.tuning_seeds, *cfg.seeds)
-        }
-        write("pairs")
 
         def run_all(tasks: list[tuple], into: dict, stage: str) -> None:
-            todo = [t for t in tasks if _key(*t[:4]) not in into]
-            futures = {pool.submit(_run_task, t): t for t in todo}
-            for future in as_completed(futures):
-                result = future.result()
-                into[_key(*futures[future][:4])] = result
-                write(stage)
+            """Run ``tasks`` not yet in ``into``, in their order, ``args.workers`` at a time; a
+            seed's pairs are sampled (when not cached) just before its first run is due."""
+            waiting = [t for t in tasks if _key(*t[:4]) not in into]
+            ready, busy = set(), {}  # busy: future -> ("prep", seed) or ("run", task)
+            prepping = set()
+            while waiting or busy:
+                for task in list(waiting):
+                    if len(busy) >= args.workers:
+                        break
+                    seed = task[0]
+                    if seed in ready:
+                        waiting.remove(task)
+                        busy[pool.submit(_run_task, task)] = ("run", task)
+                    elif seed not in prepping:
+                        prepping.add(seed)
+                        busy[pool.submit(_prep_task, (seed, cfg, str(work)))] = ("prep", seed)
+                done, _ = wait(list(busy), return_when=FIRST_COMPLETED)
+                for future in done:
+                    kind, what = busy.pop(future)
+                    result = future.result()
+                    if kind == "prep":
+                        summarise_pairs(what)
+                        ready.add(what)
+                    else:
+                        into[_key(*what[:4])] = result
+                        write(stage)
 
+        pool.submit(_prep_task, (None, cfg, str(work))).result()  # the reference's answers
+        restore_reference(record, work)
         tuning = [
             (s, m, cfg.tuning_noise, lr, cfg, str(work), None)
             for s in cfg.tuning_seeds

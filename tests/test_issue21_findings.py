@@ -352,7 +352,7 @@ def test_statistics_and_plots_name_their_arguments():
     for bad in ({"resamples": 0}, {"resamples": -5}, {"seed": -1}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             paired_comparison(a, b, **bad)
-    assert paired_comparison(a, b, resamples=np.int64(50), seed=np.int64(1))["n"] == 3
+    assert paired_comparison(a, b, resamples=np.int64(200), seed=np.int64(1))["n"] == 3
     with pytest.raises(TypeError, match="width"):
         new_figure(width="6")
     with pytest.raises(TypeError, match="metrics"):

@@ -283,7 +283,7 @@ def test_statistics_keep_the_contract(data):
         "a": data.draw(values),
         "b": data.draw(values),
         "confidence": data.draw(st.floats(0.5, 0.99)),
-        "resamples": data.draw(st.integers(1, 300)),
+        "resamples": data.draw(st.integers(100, 300)),
         "seed": data.draw(st.integers(0, 2**32)),
         "tie": data.draw(st.floats(0.0, 1e-6)),
     }
@@ -295,6 +295,36 @@ def test_statistics_keep_the_contract(data):
     if replaced is None:
         mean = sum(x - y for x, y in zip(args["a"], args["b"], strict=True)) / n
         assert result["mean"] == pytest.approx(mean, rel=1e-9, abs=1e-6)
+
+
+@settings(max_examples=60)
+@given(st.data())
+def test_interval_and_holm_keep_the_contract(data):
+    if data.draw(st.booleans()):
+        m = data.draw(st.integers(1, 8))
+        args = {"p_values": data.draw(st.lists(st.floats(0.0, 1.0), min_size=m, max_size=m))}
+        adjusted, replaced = run(data, stats.holm, args, positional=("p_values",))
+        if replaced is None:
+            raw = args["p_values"]
+            for a, p in zip(adjusted, raw, strict=True):
+                assert p - 1e-15 <= a <= 1.0
+            by_raw = sorted(range(m), key=lambda i: raw[i])
+            assert [adjusted[i] for i in by_raw] == sorted(adjusted)
+        return
+    n = data.draw(st.integers(2, 12))
+    args = {
+        "values": data.draw(st.lists(st.floats(-1e6, 1e6), min_size=n, max_size=n)),
+        "confidence": data.draw(st.floats(0.5, 0.99)),
+        "resamples": data.draw(st.integers(100, 300)),
+        "seed": data.draw(st.integers(0, 2**32)),
+    }
+    interval, replaced = run(
+        data, stats.studentized_bootstrap_interval, args, positional=("values",)
+    )
+    if replaced is None:
+        low, high = interval
+        mean = sum(args["values"]) / n
+        assert low <= mean + 1e-6 * (1 + abs(mean)) and mean - 1e-6 * (1 + abs(mean)) <= high
 
 
 @settings(max_examples=40)

@@ -60,28 +60,30 @@ def studentized_bootstrap_interval(
     A resample whose values are all equal has no t statistic and is left out. If all ``values``
     are equal, the interval is ``(mean, mean)``. Memory: ``resamples * n`` float64 numbers.
     """
-    if isinstance(confidence, bool) or not isinstance(confidence, numbers.Real):
-        raise TypeError(f"confidence must be a real number, got {type(confidence).__name__}")
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
-    resamples = check_int("resamples", resamples, 100)
+    x = _finite_vector("values", values)
+    if len(x) < 2:
+        raise ValueError(f"values must hold at least 2 numbers, got {len(x)}")
+    confidence = _confidence(confidence)
+    resamples = check_int("resamples", resamples, 100, maximum=10**6)
     seed = check_int("seed", seed, 0)
-    x = np.asarray(values, dtype=np.float64)
-    if x.ndim != 1 or len(x) < 2:
-        raise ValueError(f"values must be 1-D with at least 2 numbers, got shape {x.shape}")
-    if not np.isfinite(x).all():
-        raise ValueError("values must be finite (no NaN or inf)")
-    n, mean = len(x), float(x.mean())
-    se = float(x.std(ddof=1)) / math.sqrt(n)
+    n = len(x)
+    with np.errstate(over="ignore", invalid="ignore"):
+        mean, se = float(x.mean()), float(x.std(ddof=1)) / math.sqrt(n)
+    if not (math.isfinite(mean) and math.isfinite(se)):
+        raise ValueError("values are too large: their mean or spread overflows float64")
     if se == 0.0:
         return mean, mean
     rng = np.random.default_rng(seed)
     boot = x[rng.integers(0, n, size=(resamples, n))]
-    boot_se = boot.std(axis=1, ddof=1) / math.sqrt(n)
-    spread = boot_se > 0
-    t_star = (boot.mean(axis=1)[spread] - mean) / boot_se[spread]
-    q_lo, q_hi = np.quantile(t_star, [(1 - confidence) / 2, (1 + confidence) / 2])
-    return mean - float(q_hi) * se, mean - float(q_lo) * se
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        boot_se = boot.std(axis=1, ddof=1) / math.sqrt(n)
+        spread = boot_se > 0
+        t_star = (boot.mean(axis=1)[spread] - mean) / boot_se[spread]
+        q_lo, q_hi = np.quantile(t_star, [(1 - confidence) / 2, (1 + confidence) / 2])
+        low, high = mean - float(q_hi) * se, mean - float(q_lo) * se
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError("values are too large or too small: the interval overflows float64")
+    return low, high
 
 
 def holm(p_values: Sequence[float]) -> list[float]:
@@ -92,9 +94,9 @@ def holm(p_values: Sequence[float]) -> list[float]:
     between the tests. The i-th smallest p (from 1) is multiplied by m - i + 1, the results are
     made non-decreasing in that order, and capped at 1.
     """
-    p = np.asarray(p_values, dtype=np.float64)
-    if p.ndim != 1 or len(p) == 0 or not ((p >= 0) & (p <= 1)).all():
-        raise ValueError(f"p_values must be a non-empty 1-D list in [0, 1], got {p_values!r}")
+    p = _finite_vector("p_values", p_values)
+    if len(p) == 0 or not ((p >= 0) & (p <= 1)).all():
+        raise ValueError(f"p_values must be a non-empty list of numbers in [0, 1], got {p!r}")
     m = len(p)
     order = np.argsort(p, kind="stable")
     stepped = np.maximum.accumulate(p[order] * (m - np.arange(m)))
@@ -120,10 +122,8 @@ def paired_comparison(
     (:func:`sign_test`) and ``n``.
     """
     a, b = _finite_vector("a", a), _finite_vector("b", b)
-    confidence = check_number("confidence", confidence, minimum=0.0, inclusive=False, maximum=1.0)
-    if confidence == 1.0:
-        raise ValueError("confidence must be in (0, 1), got 1.0")
-    resamples = check_int("resamples", resamples, 1, maximum=10**6)
+    confidence = _confidence(confidence)
+    resamples = check_int("resamples", resamples, 100, maximum=10**6)
     seed = check_int("seed", seed, 0)
     tie = check_number("tie", tie, minimum=0.0)
     if len(a) != len(b) or len(a) < 2:
@@ -145,6 +145,14 @@ def paired_comparison(
         "sign_p": sign_test(wins, losses),
         "n": len(diff),
     }
+
+
+def _confidence(confidence: object) -> float:
+    """``confidence`` as a float strictly between 0 and 1, or an error naming it."""
+    confidence = check_number("confidence", confidence, minimum=0.0, inclusive=False, maximum=1.0)
+    if confidence == 1.0:
+        raise ValueError("confidence must be in (0, 1), got 1.0")
+    return confidence
 
 
 def _finite_vector(name: str, values: object) -> np.ndarray:
