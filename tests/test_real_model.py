@@ -218,3 +218,27 @@ def test_the_whole_pipeline_trains_evaluates_saves_and_reloads(smollm, tmp_path)
         answers = greedy_answers(reloaded, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens)
         assert answers == run["sample_answers"]
     shutil.rmtree(saved)
+
+
+def test_a_lost_cache_of_reference_answers_is_rebuilt_from_the_results_file(tmp_path):
+    """A fresh checkout has the results file but not runs/real_model: the reference's held-out
+    answers come back from the file, so the runs still due are scored against the same answers."""
+    script = _script()
+    record = {
+        "reference": {
+            "source": "gguf",
+            "parameters": 7,
+            "answers": ["1", "x"],
+            "correct": [1.0, 0.0],
+        },
+        "held_out_lists": [[1], [2, 3]],
+    }
+    work = tmp_path / "work"
+    script.restore_reference(record, work)
+    cached = json.loads((work / "reference.json").read_text())
+    assert cached["lists"] == [[1], [2, 3]] and cached["correct"] == [1.0, 0.0]
+    assert script.reference_eval(script.Config(), work) == cached  # read, not recomputed
+    assert record["reference"]["accuracy"] == 0.5
+    fresh = {}
+    script.restore_reference(fresh, work)  # and a new cache is copied into an empty record
+    assert fresh["held_out_lists"] == [[1], [2, 3]] and fresh["reference"]["answers"] == ["1", "x"]
