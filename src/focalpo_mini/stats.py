@@ -63,7 +63,9 @@ def studentized_bootstrap_interval(
     x = _finite_vector("values", values)
     if len(x) < 2:
         raise ValueError(f"values must hold at least 2 numbers, got {len(x)}")
-    confidence = _confidence(confidence)
+    confidence = check_number("confidence", confidence, minimum=0.0, inclusive=False, maximum=1.0)
+    if confidence == 1.0:
+        raise ValueError("confidence must be in (0, 1), got 1.0")
     resamples = check_int("resamples", resamples, 100, maximum=10**6)
     seed = check_int("seed", seed, 0)
     n = len(x)
@@ -122,10 +124,7 @@ def paired_comparison(
     (:func:`sign_test`) and ``n``.
     """
     a, b = _finite_vector("a", a), _finite_vector("b", b)
-    confidence = _confidence(confidence)
-    resamples = check_int("resamples", resamples, 100, maximum=10**6)
-    seed = check_int("seed", seed, 0)
-    tie = check_number("tie", tie, minimum=0.0)
+    tie = check_number("tie", tie, minimum=0.0)  # confidence, resamples, seed: by the interval
     if len(a) != len(b) or len(a) < 2:
         raise ValueError(f"a and b need the same length >= 2, got {len(a)} and {len(b)}")
     if not np.isfinite(a - b).all():
@@ -145,14 +144,6 @@ def paired_comparison(
         "sign_p": sign_test(wins, losses),
         "n": len(diff),
     }
-
-
-def _confidence(confidence: object) -> float:
-    """``confidence`` as a float strictly between 0 and 1, or an error naming it."""
-    confidence = check_number("confidence", confidence, minimum=0.0, inclusive=False, maximum=1.0)
-    if confidence == 1.0:
-        raise ValueError("confidence must be in (0, 1), got 1.0")
-    return confidence
 
 
 def _finite_vector(name: str, values: object) -> np.ndarray:
